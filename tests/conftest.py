@@ -1,0 +1,48 @@
+"""Shared test setup: markers that skip with a reason, CPU levels, a per-test seed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from comfy_quant_native import ops
+
+
+def _cuda_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return ops.list_backends()["cuda"]
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_reason = _cuda_reason()
+    comfy_reason = None if os.environ.get("COMFYUI_PATH") else "COMFYUI_PATH not set (a ComfyUI checkout)"
+    for item in items:
+        if cuda_reason and "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=f"CUDA: {cuda_reason}"))
+        if comfy_reason and "comfyui" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=comfy_reason))
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh inputs per test, but reproducible from the test id when a test fails.
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+
+
+def native_levels() -> list[str]:
+    """Every SIMD level this CPU runs ('ref', 'avx2', 'avx512'); empty without _C."""
+    return list(ops._C.cpu_levels()) if ops._C is not None else []
+
+
+@pytest.fixture(params=native_levels() or ["none"])
+def cpu_level(request):
+    """Runs a test once per native CPU level, restoring the default afterwards."""
+    if request.param == "none":
+        pytest.skip("native extension not built")
+    before = ops._C.cpu_level()
+    ops._C.set_cpu_level(request.param)
+    yield request.param
+    ops._C.set_cpu_level(before)
