@@ -27,10 +27,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=comfy_reason))
 
 
+# Fresh random inputs on every run, reproducible: set COMFY_QUANT_TEST_SEED to the
+# value printed in the pytest header to replay a failing run.
+SESSION_SEED = int(os.environ.get("COMFY_QUANT_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+def pytest_report_header(config):
+    return f"COMFY_QUANT_TEST_SEED={SESSION_SEED}; native CPU levels: {native_levels()}; backends: {ops.list_backends()}"
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # Fresh inputs per test, but reproducible from the test id when a test fails.
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    torch.manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
 
 
 def native_levels() -> list[str]:
