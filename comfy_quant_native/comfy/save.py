@@ -1,0 +1,79 @@
+"""Save Quantized Model: the diffusion model as one safetensors file in our comfy_quant form.
+
+Keys are the diffusion model's own (what models/diffusion_models files carry); our
+layers are written by formats.layer_tensors (packed data, scales, comfy_quant JSON);
+layers of stock ComfyUI formats are written as ComfyUI writes them; everything else as
+it is in memory. As ComfyUI's own savers do, the model is loaded first, so LoRA patches
+are baked in (a quantized layer is dequantized, patched and requantized). The file is
+written atomically (files.save_safetensors_atomic) and never over an existing one
+unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+
+import comfy.model_management
+
+from .. import __version__, formats
+from .files import save_safetensors_atomic
+from .qtensor import layout_of, to_quantized_weight
+
+log = logging.getLogger("comfy_quant_native")
+
+
+def model_state_dict(patcher) -> tuple[dict, Counter]:
+    """(state dict of the diffusion model as it runs, with patches applied; layout counts)."""
+    comfy.model_management.load_models_gpu([patcher])
+    diffusion = patcher.model.diffusion_model
+    sd = diffusion.state_dict()
+    counts: Counter = Counter()
+    for name, module in diffusion.named_modules():
+        layout = getattr(module, "comfy_quant_layout", None)
+        if layout is None or layout_of(getattr(module, "weight", None)) is None:
+            continue
+        counts[layout] += 1
+        if getattr(module, "comfy_patched_weights", False):
+            continue  # patches (if any) are already in the weight
+        # An offloaded layer runs its patches per call; bake them in here.
+        for param in ("weight", "bias"):
+            key = f"diffusion_model.{name}.{param}"
+            if key not in patcher.patches:
+                continue
+            value = patcher.patch_weight_to_device(key, device_to=patcher.load_device, return_weight=True)
+            if param == "weight":
+                sd.update(formats.layer_tensors(name, to_quantized_weight(value)))
+            else:
+                sd[f"{name}.bias"] = value.to(module.bias.dtype)
+    return sd, counts
+
+
+def save_model(patcher, path: str, overwrite: bool = False) -> str:
+    """Write the model to ``path``; returns a summary line."""
+    sd, counts = model_state_dict(patcher)
+    if not counts:
+        raise ValueError("the model has no layer quantized by comfy_quant_native: pass it through "
+                         "Quantize Model, or load it with Load Quantized Diffusion Model")
+    metadata = {"comfy_quant_native": __version__,
+                "layouts": ",".join(f"{k}:{v}" for k, v in sorted(counts.items()))}
+    save_safetensors_atomic(sd, path, metadata=metadata, overwrite=overwrite)
+    summary = (f"{os.path.basename(path)}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+               + f", {len(sd)} tensors, {os.path.getsize(path) / 2**20:.1f} MiB")
+    log.info("comfy_quant_native: saved %s", summary)
+    return summary
+
+
+def output_path(folder: str, name: str) -> str:
+    """``folder/<name>.safetensors`` with ``name`` checked: relative, inside ``folder``."""
+    name = name.strip()
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not name or name.startswith(("/", "\\")) or os.path.isabs(name):
+        raise ValueError(f"file name must be a relative name without extension, got {name!r}")
+    root = os.path.abspath(folder)
+    path = os.path.abspath(os.path.join(root, name + ".safetensors"))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"file name {name!r} leads outside {root}")
+    return path
