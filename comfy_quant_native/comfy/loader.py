@@ -31,6 +31,7 @@ import comfy.sd
 import comfy.utils
 
 from .. import formats
+from . import lora
 from .. import layouts as L
 from ..formats.common import json_tensor
 from .files import read_safetensors_header
@@ -129,7 +130,7 @@ def _stock_load(path: str, disable_dynamic: bool = False):
     return model
 
 
-def load_diffusion_model(path: str, *, w8a8: bool = True, disable_dynamic: bool = False):
+def load_diffusion_model(path: str, *, w8a8: bool = True, lora_mode: str = "exact", disable_dynamic: bool = False):
     """Load any supported diffusion model file. Returns (ModelPatcher, summary)."""
     name = os.path.basename(path)
     if not path.lower().endswith(SAFETENSORS_EXT):
@@ -162,7 +163,8 @@ def load_diffusion_model(path: str, *, w8a8: bool = True, disable_dynamic: bool 
         new_sd[layer + ".weight"] = from_quantized_weight(qw, w8a8=w8a8)
         new_sd[layer + ".comfy_quant"] = json_tensor({"format": L.DISK_NAME[qw.layout]})
     load_device = comfy.model_management.get_torch_device()
-    ops = make_operations(_compute_dtype(new_sd, metadata, load_device), w8a8=w8a8, load_device=load_device)
+    ops = make_operations(_compute_dtype(new_sd, metadata, load_device), w8a8=w8a8, lora_mode=lora_mode,
+                          load_device=load_device)
     try:
         model = comfy.sd.load_diffusion_model_state_dict(new_sd, model_options={"custom_operations": ops},
                                                          metadata=metadata, disable_dynamic=disable_dynamic)
@@ -173,11 +175,12 @@ def load_diffusion_model(path: str, *, w8a8: bool = True, disable_dynamic: bool 
     if model is None:
         raise formats.FormatError(path, "ComfyUI recognises no diffusion model architecture in it")
     # How ComfyUI rebuilds the model (non-dynamic clones, multi-GPU copies): load it again.
-    model.cached_patcher_init = (reload_model, (path, w8a8))
+    model.cached_patcher_init = (reload_model, (path, w8a8, lora_mode))
+    lora.install(model)
     summary = f"{name}: {loaded.summary()}" + (f", {len(stock_sd)} tensors of stock formats" if stock_sd else "")
     log.info("comfy_quant_native: loaded %s", summary)
     return model, summary
 
 
-def reload_model(path: str, w8a8: bool = True, disable_dynamic: bool = False):
-    return load_diffusion_model(path, w8a8=w8a8, disable_dynamic=disable_dynamic)[0]
+def reload_model(path: str, w8a8: bool = True, lora_mode: str = "exact", disable_dynamic: bool = False):
+    return load_diffusion_model(path, w8a8=w8a8, lora_mode=lora_mode, disable_dynamic=disable_dynamic)[0]

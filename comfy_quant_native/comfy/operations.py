@@ -12,11 +12,9 @@ through the same class, and overrides only what our layers need in ``Linear``:
   ``torch.compile`` it calls ``F.linear``, which the layout's aten handlers turn into
   ``torch.ops.comfy_quant.*`` custom ops. Weights come through ComfyUI's
   ``cast_bias_weight`` so that lowvram offload, pinned memory and dynamic VRAM move them.
-- LoRA: patches live beside the weight in the ModelPatcher. A loaded layer is patched once:
-  ``convert_weight`` dequantizes, ``comfy.lora.calculate_weight`` adds the patches, and
-  ``set_weight`` requantizes (the stock mixed-precision path; the original stays in the
-  patcher's backup and is restored on unpatch). An offloaded (lowvram) layer gets the
-  patches as a ``weight_function``: dequantized, patched and run in float per call.
+- LoRA: patches live beside the weight in the ModelPatcher; ``set_weight`` and the
+  patcher callbacks of lora.py apply them as an exact low-rank side path (``lora_mode``
+  "exact") or by requantizing the patched weight ("merged"); see lora.py.
 - ``state_dict``: our on-disk ``comfy_quant`` form, so that memory accounting counts the
   real bytes and ComfyUI's own savers write files this package reads back.
 """
@@ -31,6 +29,7 @@ import comfy.ops
 
 from .. import formats
 from .. import layouts as L
+from .lora import LORA_MODES
 from .qtensor import LAYOUT_NAME, layout_of, native_linear, to_quantized_weight
 
 
@@ -47,9 +46,12 @@ def stock_disabled_formats(load_device=None) -> list[str]:
     return disabled
 
 
-def make_operations(compute_dtype: torch.dtype | None, *, w8a8: bool = True, load_device=None):
+def make_operations(compute_dtype: torch.dtype | None, *, w8a8: bool = True, lora_mode: str = "exact",
+                    load_device=None):
     """A fresh ops class for one model. ``compute_dtype``: what our weights dequantize to
     and what plain layers are stored in (ComfyUI's manual-cast dtype for the model)."""
+    if lora_mode not in LORA_MODES:
+        raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {lora_mode!r}")
     base = comfy.ops.mixed_precision_ops({}, compute_dtype, disabled=stock_disabled_formats(load_device))
 
     class ComfyQuantOperations(base):
@@ -57,6 +59,9 @@ def make_operations(compute_dtype: torch.dtype | None, *, w8a8: bool = True, loa
 
         class Linear(base.Linear):
             comfy_quant_layout = None  # our layout name once a quantized weight is set
+            comfy_quant_lora_mode = lora_mode
+            comfy_quant_lora = None  # (down [R, K], up [N, R]) of the exact LoRA side path
+            comfy_quant_pending = False  # patched by the loader; lora.py's ON_LOAD attaches it
 
             def set_native_weight(self, qt) -> None:
                 """Install one of our QuantizedTensors as this layer's weight."""
@@ -103,9 +108,19 @@ def make_operations(compute_dtype: torch.dtype | None, *, w8a8: bool = True, loa
                 sd.update(formats.layer_tensors(prefix[:-1], to_quantized_weight(self.weight.detach())))
                 return sd
 
+            def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+                if self.comfy_quant_layout is None or return_weight or self.comfy_quant_lora_mode == "merged":
+                    return super().set_weight(weight, inplace_update=inplace_update, seed=seed,
+                                              return_weight=return_weight, **kwargs)
+                # exact mode: keep the quantized weight; ON_LOAD turns the patches into a side path.
+                self.comfy_quant_pending = True
+
             def forward(self, input, *args, **kwargs):
                 if self.comfy_quant_layout is None:
                     return super().forward(input, *args, **kwargs)
+                if self.comfy_quant_pending:
+                    raise RuntimeError("comfy_quant_native: this layer's LoRA patches were never attached "
+                                       "(its ModelPatcher lacks comfy_quant_native's load callback)")
                 comfy.ops.run_every_op()
                 if (len(self.weight_function) > 0 or len(self.bias_function) > 0
                         or getattr(self, "comfy_force_cast_weights", False)):
@@ -121,6 +136,9 @@ def make_operations(compute_dtype: torch.dtype | None, *, w8a8: bool = True, loa
                         out = F.linear(input, weight, bias)
                     else:
                         out = native_linear(weight, input, bias)
+                    if self.comfy_quant_lora is not None:
+                        down, up = self.comfy_quant_lora
+                        out = out + F.linear(F.linear(input, down.to(input.dtype)), up.to(input.dtype))
                 comfy.ops.uncast_bias_weight(self, weight, bias, offload_stream)
                 return out
 

@@ -24,6 +24,7 @@ import comfy.utils
 from comfy_kitchen.tensor import QuantizedTensor
 
 from .. import layouts as L
+from . import lora
 from .operations import make_operations, new_linear
 from .presets import MIN_PARAMS, LayerSelector
 from .qtensor import quantize
@@ -49,8 +50,14 @@ def _source_module(patcher, name: str) -> torch.nn.Module:
 
 
 def _source_weight(patcher, name: str, module: torch.nn.Module) -> torch.Tensor:
-    backup = patcher.backup.get(f"diffusion_model.{name}.weight")
-    w = backup.weight if backup is not None else module.weight
+    """The module's unpatched weight. Only the module now in the model can carry weight
+    patches (ComfyUI restores weights before it swaps modules back), and then the shared
+    backup holds its original."""
+    w = module.weight
+    if comfy.utils.get_attr(patcher.model, f"diffusion_model.{name}") is module:
+        backup = patcher.backup.get(f"diffusion_model.{name}.weight")
+        if backup is not None:
+            w = backup.weight
     if getattr(w, "is_meta", False) or w.device.type == "meta":
         raise RuntimeError(f"layer {name}: its weight is not in memory (meta tensor); load the model first")
     return w
@@ -65,7 +72,7 @@ def _bytes(t: torch.Tensor) -> int:
 
 def quantize_model(patcher, layout: str, group_size: int | None = None, *, preset: str = "auto",
                    include: str = "", exclude: str = "", min_params: int = MIN_PARAMS, w8a8: bool = True,
-                   progress=None):
+                   lora_mode: str = "exact", progress=None):
     """Returns (quantized clone, summary line). ``progress(done, total)`` is called per layer."""
     L.check_layout(layout)
     diffusion = patcher.model.diffusion_model
@@ -86,7 +93,7 @@ def quantize_model(patcher, layout: str, group_size: int | None = None, *, prese
                          f"{len(linears)} Linear layers, kept: {kept}; lower min_params or use include")
 
     compute_dtype = patcher.model.manual_cast_dtype or patcher.model_dtype()
-    ops_class = make_operations(compute_dtype, w8a8=w8a8, load_device=patcher.load_device)
+    ops_class = make_operations(compute_dtype, w8a8=w8a8, lora_mode=lora_mode, load_device=patcher.load_device)
     work_device = comfy.model_management.get_torch_device()
     clone = patcher.clone()
     saved = 0
@@ -104,6 +111,7 @@ def quantize_model(patcher, layout: str, group_size: int | None = None, *, prese
             progress(i + 1, len(chosen))
     clone.size = max(0, patcher.model_size() - saved)
     clone.patches_uuid = uuid.uuid4()
+    lora.install(clone)
     kept_text = ", ".join(f"{n} {why}" for why, n in sorted(kept.items())) or "none"
     summary = (f"{len(chosen)} of {len(linears)} Linear layers to {layout} "
                f"(group {L.check_group_size(layout, group_size or None) or 'row'}), "

@@ -31,22 +31,23 @@ def model_state_dict(patcher) -> tuple[dict, Counter]:
     sd = diffusion.state_dict()
     counts: Counter = Counter()
     for name, module in diffusion.named_modules():
-        layout = getattr(module, "comfy_quant_layout", None)
-        if layout is None or layout_of(getattr(module, "weight", None)) is None:
+        ours = layout_of(getattr(module, "weight", None)) is not None and getattr(module, "comfy_quant_layout", None)
+        if ours:
+            counts[module.comfy_quant_layout] += 1
+        # Patches are in the weights already for a fully loaded layer (a plain one, or ours
+        # merged); they are not for our side path, an offloaded layer (patched per call) or
+        # dynamic VRAM (patched per cast): bake those in here.
+        if getattr(module, "comfy_patched_weights", False) and getattr(module, "comfy_quant_lora", None) is None:
             continue
-        counts[layout] += 1
-        if getattr(module, "comfy_patched_weights", False):
-            continue  # patches (if any) are already in the weight
-        # An offloaded layer runs its patches per call; bake them in here.
         for param in ("weight", "bias"):
             key = f"diffusion_model.{name}.{param}"
-            if key not in patcher.patches:
+            if key not in patcher.patches or getattr(module, param, None) is None:
                 continue
             value = patcher.patch_weight_to_device(key, device_to=patcher.load_device, return_weight=True)
-            if param == "weight":
+            if ours and param == "weight":
                 sd.update(formats.layer_tensors(name, to_quantized_weight(value)))
             else:
-                sd[f"{name}.bias"] = value.to(module.bias.dtype)
+                sd[f"{name}.{param}"] = value.to(getattr(module, param).dtype)
     return sd, counts
 
 
