@@ -68,10 +68,10 @@ def _unshared(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out, seen = {}, set()
     for k, t in sd.items():
         t = t.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.nbytes)
-        if t.nbytes and key in seen:
+        storage = t.untyped_storage().data_ptr()
+        if t.nbytes and storage in seen:
             t = t.clone()
-        seen.add(key)
+        seen.add(t.untyped_storage().data_ptr())
         out[k] = t
     return out
 

@@ -185,10 +185,9 @@ def quantize(w: torch.Tensor, layout: str, group_size: int | None = None, comput
     """Quantize a float weight [N, K] into one of our tensors on ``w``'s device."""
     L.check_layout(layout)
     qdata, params = LAYOUT_CLASSES[layout].quantize(w, group_size=group_size, w8a8=w8a8)
-    qt = QuantizedTensor(qdata, LAYOUT_NAME[layout], params)
-    if compute_dtype is not None and compute_dtype != w.dtype:
-        qt = qt.to(dtype=compute_dtype)
-    return qt
+    if compute_dtype is not None:
+        params = replace(params, orig_dtype=compute_dtype)  # no copy, unlike .to(dtype)
+    return QuantizedTensor(qdata, LAYOUT_NAME[layout], params)
 
 
 def native_linear(weight: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
