@@ -106,6 +106,16 @@ def import_comfyui():
     install_import_stubs()
     if path not in sys.path:
         sys.path.insert(0, path)
+    # ComfyUI's comfy is a namespace package, so any regular package named comfy on
+    # sys.path wins over it. pytest puts the parent of a checkout that holds an __init__.py
+    # (ours does, for custom_nodes) on sys.path, so a checkout folder named "comfy" would
+    # shadow ComfyUI's.
+    for entry in list(sys.path):
+        if entry != path and os.path.isfile(os.path.join(entry or ".", "comfy", "__init__.py")):
+            sys.path.remove(entry)
+    shadow = sys.modules.get("comfy")
+    if shadow is not None and getattr(shadow, "__file__", None):
+        del sys.modules["comfy"]
     from comfy.cli_args import args
 
     args.cpu = True

@@ -77,28 +77,33 @@ def _our_layers(patcher):
 def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load):
     for name, module in _our_layers(patcher):
         pending = module.comfy_quant_pending
-        module.comfy_quant_lora = None
         module.comfy_quant_pending = False
         key = f"{name}.weight"
         patches = patcher.patches.get(key)
-        if not patches:
-            continue
         dynamic_fn = getattr(module, "weight_lowvram_function", None)
+        if not patches:
+            module.comfy_quant_lora = None
+            continue
         if not pending and dynamic_fn is None:
-            continue  # legacy lowvram: patched per call through weight_function
+            if not getattr(module, "comfy_patched_weights", False):
+                module.comfy_quant_lora = None  # offloaded: ComfyUI patches it per call
+            continue  # else patched by an earlier load with these patches: keep it
         w = module.weight
         factors = side_factors(patches, w.device, w.dtype)
+        module.comfy_quant_lora = None
         if factors is not None and module.comfy_quant_lora_mode == "exact":
             module.comfy_quant_lora = factors or None
             if dynamic_fn is not None:
                 module.weight_lowvram_function = None
         elif pending:
-            # Not side-path material (or merged mode): requantize the patched weight now.
+            # Not side-path material: requantize the patched weight now (merged).
             merged = patcher.patch_weight_to_device(key, device_to=w.device, return_weight=True)
             module.weight = torch.nn.Parameter(merged, requires_grad=False)
 
 
 def _on_detach(patcher, unpatch_all):
+    if not unpatch_all:
+        return  # the weights stay patched (ComfyUI switching between clones): keep the side path
     for _, module in _our_layers(patcher):
         module.comfy_quant_lora = None
         module.comfy_quant_pending = False
