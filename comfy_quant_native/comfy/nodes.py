@@ -5,6 +5,8 @@ too; the repository's nodes/ folder re-exports them for a custom_nodes checkout.
 
 from __future__ import annotations
 
+import os
+
 import comfy.utils
 import folder_paths
 
@@ -96,7 +98,8 @@ class ComfyQuantSaveModel:
         }}
 
     def save(self, model, name, overwrite):
-        folder = folder_paths.get_folder_paths("diffusion_models")[0]
+        folders = folder_paths.get_folder_paths("diffusion_models")  # models/unet comes first
+        folder = next((f for f in folders if os.path.basename(os.path.normpath(f)) == "diffusion_models"), folders[0])
         summary = save.save_model(model, save.output_path(folder, name), overwrite=overwrite)
         return {"ui": {"text": [summary]}}
 
