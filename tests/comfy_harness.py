@@ -132,7 +132,8 @@ TINY_FLUX = dict(hidden=128, depth=2, single=2, context=64, vec=32, in_channels=
 
 def tiny_flux_state_dict(seed: int = 0, dtype=None, **overrides) -> dict:
     """Flux key names (as in flux1-dev.safetensors), small widths, random weights with
-    1/sqrt(fan_in) scale so that activations stay O(1) through the blocks."""
+    1/sqrt(fan_in) scale so that activations stay O(1) through the blocks. ``hidden`` must
+    be a multiple of 128 (ComfyUI derives the head count as hidden / 128)."""
     import torch
 
     cfg = dict(TINY_FLUX, **overrides)
@@ -149,6 +150,8 @@ def tiny_flux_state_dict(seed: int = 0, dtype=None, **overrides) -> dict:
     def norm(name, n):
         sd[f"{name}.scale"] = (1 + 0.1 * torch.randn(n, generator=gen)).to(dtype)
 
+    head = 128  # Flux's head width: sum(axes_dim); QK norms are per head
+
     patch_in = cfg["in_channels"] * 4
     linear("img_in", h, patch_in)
     linear("txt_in", h, ctx)
@@ -160,8 +163,8 @@ def tiny_flux_state_dict(seed: int = 0, dtype=None, **overrides) -> dict:
             b = f"double_blocks.{i}.{s}"
             linear(f"{b}_mod.lin", 6 * h, h)
             linear(f"{b}_attn.qkv", 3 * h, h)
-            norm(f"{b}_attn.norm.query_norm", h)
-            norm(f"{b}_attn.norm.key_norm", h)
+            norm(f"{b}_attn.norm.query_norm", head)
+            norm(f"{b}_attn.norm.key_norm", head)
             linear(f"{b}_attn.proj", h, h)
             linear(f"{b}_mlp.0", mlp, h)
             linear(f"{b}_mlp.2", h, mlp)
@@ -169,8 +172,8 @@ def tiny_flux_state_dict(seed: int = 0, dtype=None, **overrides) -> dict:
         b = f"single_blocks.{i}"
         linear(f"{b}.linear1", 3 * h + mlp, h)
         linear(f"{b}.linear2", h, h + mlp)
-        norm(f"{b}.norm.query_norm", h)
-        norm(f"{b}.norm.key_norm", h)
+        norm(f"{b}.norm.query_norm", head)
+        norm(f"{b}.norm.key_norm", head)
         linear(f"{b}.modulation.lin", 3 * h, h)
     linear("final_layer.linear", patch_in, h)
     linear("final_layer.adaLN_modulation.1", 2 * h, h)

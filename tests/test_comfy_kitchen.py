@@ -247,3 +247,20 @@ def test_atomic_save_never_overwrites_and_leaves_nothing_on_failure(tmp_path):
     assert os.listdir(tmp_path / "sub") == ["model.safetensors"]  # no temporary left
     files.save_safetensors_atomic({"z": torch.zeros(2)}, path, overwrite=True)
     assert set(load_file(path)) == {"z"}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("M", [1, 3, 40])
+@pytest.mark.parametrize("w8a8", [True, False])
+def test_linear_with_lora_delta(layout, M, w8a8):
+    """native_linear_lora = x (W + up down)^T + b: fused into the dequantized weight where the
+    native path dequantizes anyway, beside it otherwise."""
+    N, K, R = 96, 256, 12
+    w = _weight((N, K), torch.float32)
+    qt = qtensor.quantize(w, layout, w8a8=w8a8)
+    x = torch.randn(M, K)
+    b = torch.randn(N)
+    down, up = torch.randn(R, K) / 16, torch.randn(N, R) / 4
+    got = qtensor.native_linear_lora(qt, x, b, down, up)
+    side = qtensor.native_linear(qt, x, b) + x @ down.t() @ up.t()
+    assert torch.allclose(got, side, rtol=1e-4, atol=1e-4), (got - side).abs().max()

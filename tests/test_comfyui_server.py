@@ -179,3 +179,22 @@ def test_save_refuses_to_overwrite_and_to_save_an_unquantized_model(server):
     overwrite = {"5": {"class_type": "ComfyQuantSaveModel", "inputs": {"model": ["2", 0], "name": "keep", "overwrite": True}}}
     _ok(server, {**UNET, **_quantize("nf4"), **overwrite})
     assert open(path, "rb").read() != before
+
+
+@pytest.mark.parametrize("name", ["quantize_and_save.json", "flux_quantized_lora.json"])
+def test_docs_workflows_name_real_nodes_and_inputs(server, name):
+    """The example workflows in docs/workflows use nodes and input names that exist."""
+    import json
+
+    with open(os.path.join(H.REPO, "docs", "workflows", name)) as f:
+        workflow = json.load(f)
+    for node_id, node in workflow.items():
+        info = server.get(f"/object_info/{node['class_type']}")
+        assert node["class_type"] in info, (node_id, node["class_type"])
+        spec = info[node["class_type"]]["input"]
+        known = {**spec.get("required", {}), **spec.get("optional", {})}
+        assert set(node["inputs"]) <= set(known), (node_id, set(node["inputs"]) - set(known))
+        assert set(spec.get("required", {})) <= set(node["inputs"]), (node_id, set(spec["required"]) - set(node["inputs"]))
+        for key, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                assert value[0] in workflow, (node_id, key, value)  # a link to a node of the workflow

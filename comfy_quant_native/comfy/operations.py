@@ -21,6 +21,8 @@ through the same class, and overrides only what our layers need in ``Linear``:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +32,7 @@ import comfy.ops
 from .. import formats
 from .. import layouts as L
 from .lora import LORA_MODES
-from .qtensor import LAYOUT_NAME, layout_of, native_linear, to_quantized_weight
+from .qtensor import LAYOUT_NAME, layout_of, native_linear, native_linear_lora, to_quantized_weight
 
 
 def stock_disabled_formats(load_device=None) -> list[str]:
@@ -72,7 +74,6 @@ def make_operations(compute_dtype: torch.dtype | None, *, w8a8: bool = True, lor
                         f"[{self.out_features}, {self.in_features}]")
                 dtype = ComfyQuantOperations._compute_dtype or qt._params.orig_dtype
                 if qt._params.w8a8 != ComfyQuantOperations.int8_w8a8 or qt.dtype != dtype:
-                    from dataclasses import replace
                     qt = type(qt)(qt._qdata, qt._layout_cls,
                                   replace(qt._params, orig_dtype=dtype, w8a8=ComfyQuantOperations.int8_w8a8))
                 self.weight = torch.nn.Parameter(qt, requires_grad=False)
@@ -132,13 +133,15 @@ def make_operations(compute_dtype: torch.dtype | None, *, w8a8: bool = True, lor
                     weight, bias, offload_stream = comfy.ops.cast_bias_weight(
                         self, None, dtype=self.weight.dtype, device=input.device, bias_dtype=input.dtype,
                         offloadable=True, compute_dtype=input.dtype, want_requant=True)
+                    lora = self.comfy_quant_lora
                     if torch.compiler.is_compiling():
                         out = F.linear(input, weight, bias)
+                        if lora is not None:
+                            out = out + F.linear(F.linear(input, lora[0].to(input.dtype)), lora[1].to(input.dtype))
+                    elif lora is not None:
+                        out = native_linear_lora(weight, input, bias, *lora)
                     else:
                         out = native_linear(weight, input, bias)
-                    if self.comfy_quant_lora is not None:
-                        down, up = self.comfy_quant_lora
-                        out = out + F.linear(F.linear(input, down.to(input.dtype)), up.to(input.dtype))
                 comfy.ops.uncast_bias_weight(self, weight, bias, offload_stream)
                 return out
 

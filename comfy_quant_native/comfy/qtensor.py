@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from comfy_kitchen.tensor import (
     BaseLayoutParams,
     QuantizedLayout,
@@ -221,6 +222,28 @@ def _plain(t) -> bool:
 # F.linear reaches __torch_dispatch__ as aten.linear (pre-dispatch tracing) or, decomposed,
 # as aten.t(W) followed by aten.mm(x, W^T) or aten.addmm(b, x, W^T). Anything else, and
 # any call with a quantized input, falls back to dequantizing.
+def native_linear_lora(weight: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None,
+                       down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """y = x (W + up down)^T + bias, eager. Where the native linear dequantizes the weight
+    anyway (4-bit, or int8 weight-only, above the fused small-M kernels), the low-rank
+    delta is added to that float weight (one N x R x K product) before the one GEMM;
+    otherwise (W8A8, few tokens) it runs beside the native linear as two thin GEMMs."""
+    layout = layout_of(weight)
+    p = weight._params
+    M = x.numel() // max(x.shape[-1], 1)
+    backend = ops.backend_for(x.device)
+    dequantizes = layout in L.FOUR_BIT or not p.w8a8
+    if dequantizes and backend != "reference" and M > ops.FUSED_MAX_M[backend]:
+        if layout in L.FOUR_BIT:
+            w = ops.dequantize_4bit(weight._qdata, p.scale, layout, p.group_size, p.orig_shape, x.dtype)
+        else:
+            w = ops.dequantize_int8(weight._qdata, p.scale, layout, p.group_size or None, x.dtype)
+        w.addmm_(up.to(x.dtype), down.to(x.dtype))
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    out = native_linear(weight, x, bias)
+    return out + F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
+
+
 @register_layout_op(torch.ops.aten.linear.default, NativeLayout)
 def _handle_linear(qt, args, kwargs):
     x, weight = args[0], args[1]
