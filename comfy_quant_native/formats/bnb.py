@@ -41,6 +41,8 @@ def bnb_layers(keys) -> dict[str, str]:
     """module path -> its ``quant_state`` key, for every bitsandbytes 4-bit layer."""
     out = {}
     for k in keys:
+        if k.startswith(BNB_MARK[1:]):
+            out[""] = k  # a bare module's state dict: refused by read_layer
         i = k.rfind(BNB_MARK)
         if i > 0:
             out[k[:i]] = k
@@ -112,6 +114,8 @@ def read_quant_state_layer(reader, prefix: str, qs_key: str, stats: str, nibble_
 
 def read_layer(reader, prefix: str, qs_key: str) -> QuantizedWeight:
     """One bitsandbytes Linear4bit layer."""
+    if not prefix:
+        raise FormatError(reader.source, f"{qs_key}: a layer needs a module path (keys 'L.weight...')")
     qw, _ = read_quant_state_layer(reader, prefix, qs_key, f"{prefix}.weight.", "hi", strict_keys=True)
     return qw
 

@@ -168,6 +168,9 @@ def build_4bit(source: str, layer: str, spec: LayerSpec, weight: torch.Tensor, a
     params = _params(spec, spec.shape, source, layer)
     n = params.numel
     groups = math.ceil(n / params.group_size)
+    if sum(d != 1 for d in weight.shape) > 1:
+        raise FormatError(source, f"{weight_key}: expected 1-D packed codes ([n/2] or [n/2, 1]), got shape "
+                          f"{list(weight.shape)}", layer)
     packed = _flat(as_bytes(weight), weight_key, (n + 1) // 2, source, layer)
     if spec.nibble_order == "lo":
         packed = set_pad_nibble(swap_nibbles(packed), n, spec.layout)

@@ -89,7 +89,7 @@ def legacy_4bit_layers(keys) -> dict[str, str]:
     out = {}
     for k in keys:
         i = k.rfind(QS_MARK)
-        if i > 0 and not k[:i].endswith(".weight"):
+        if i > 0 and not (k[:i].endswith(".weight") or k[:i] == "weight"):
             out[k[:i]] = k
     return out
 
