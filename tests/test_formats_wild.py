@@ -186,7 +186,13 @@ def convrot_layer(prefix):
                                                  "convrot_groupsize": 256})}
 
 
-@pytest.mark.parametrize("make", [fp8_layer, nvfp4_layer, mxfp8_layer, convrot_layer])
+def convrot_params_layer(prefix):
+    sd = convrot_layer(prefix)
+    sd[f"{prefix}.comfy_quant"] = json_bytes({"format": "int8_tensorwise", "params": {"convrot": True}})
+    return sd
+
+
+@pytest.mark.parametrize("make", [fp8_layer, nvfp4_layer, mxfp8_layer, convrot_layer, convrot_params_layer])
 def test_comfyui_native_layers_are_passed_through(make):
     sd = {**make("blocks.0.a"), **make("blocks.0.b"), "final.weight": torch.randn(3)}
     assert F.detect_form(sd) == "comfy_quant"  # keys alone cannot tell; the JSON can
@@ -240,3 +246,20 @@ def test_layer_in_two_forms_is_refused():
     sd = {**F.layer_tensors("L", qw), **{k: v for k, v in F.bnb_layer_tensors("L", qw).items()
                                          if k != "L.weight"}}
     expect_error(lambda: F.load_state_dict(sd), "two ways", layer="L")
+
+
+def test_wild_forms_read_each_tensor_once():
+    import bitsandbytes as bnb
+
+    lin = bnb.nn.Linear4bit(67, 33, bias=True, compress_statistics=True, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(torch.randn(33, 67), requires_grad=False, compress_statistics=True,
+                                   quant_type="nf4")._quantize("cpu")
+    q8 = make_qw("int8_lode", (64, 96), 32)
+    sd = {**{f"bnb.{k}": v for k, v in lin.state_dict().items()},
+          **ctq_4bit_layer("ctq", make_qw("fp4", (9, 10), 32), comfy_quant=False),
+          **ctq_int8_layer("legacy", q8, comfy_quant=False), **fp8_layer("native"),
+          **ctq_4bit_layer("ctqjson", make_qw("nf4", (9, 10), 32), input_scale=True)}
+    counting = CountingMapping(sd)
+    got = F.load_state_dict(counting)
+    assert set(got.layers) == {"bnb", "ctq", "legacy", "ctqjson"} and set(got.native) == {"native"}
+    assert set(counting.reads) == set(sd) and set(counting.reads.values()) == {1}

@@ -26,7 +26,8 @@ The API the converter and the ComfyUI glue use:
         The same, refined by reading only the small comfy_quant JSON tensors.
 
     load_file(path, device="cpu"), probe_file(path), save_file(path, tensors, metadata,
-    overwrite=False, inputs=()), atomic_output(path, ...)   safetensors files (files.py)
+    overwrite=False, inputs=()), atomic_output(path, ...), open_safetensors(path) ->
+    (SafetensorsMapping, metadata)                          safetensors files (files.py)
 
 One module per form: comfy_quant.py (ours), quant_metadata.py (header), bnb.py
 (bitsandbytes / Forge / diffusers), convert_to_quant.py (its Dec-2025 files), native.py
@@ -40,7 +41,7 @@ from .comfy_quant import layer_json, layer_tensors
 from .common import FORMS, FormatError, LoadedStateDict
 from .detect import Probe, detect_form, load_state_dict, probe
 from .emit import WRITE_FORMS, emit_state_dict
-from .files import atomic_output, load_file, probe_file, save_file
+from .files import SafetensorsMapping, atomic_output, load_file, open_safetensors, probe_file, save_file
 from .quant_metadata import HEADER_KEY, header_metadata, layers_header
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "FormatError",
     "LoadedStateDict",
     "Probe",
+    "SafetensorsMapping",
     "atomic_output",
     "bnb_layer_tensors",
     "detect_form",
@@ -60,6 +62,7 @@ __all__ = [
     "layers_header",
     "load_file",
     "load_state_dict",
+    "open_safetensors",
     "probe",
     "probe_file",
     "save_file",

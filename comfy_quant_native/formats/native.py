@@ -25,7 +25,8 @@ NATIVE_FORMATS = frozenset({
 })
 
 # int8_tensorwise is both ours (per-row or single scale over a plain [N, K] weight) and
-# ComfyUI's; these fields select ComfyUI-only variants (Hadamard-rotated weights, ...).
+# ComfyUI's; these fields (top level, or under "params" as ComfyUI also reads them)
+# select ComfyUI-only variants (Hadamard-rotated weights, ...).
 NATIVE_INT8_TENSORWISE_FIELDS = ("convrot", "transposed", "num_experts")
 
 SCALED_FP8_MARKER = "scaled_fp8"  # "{model_prefix}scaled_fp8": legacy fp8 file marker
@@ -37,7 +38,8 @@ def is_native_config(cfg: dict) -> bool:
     if fmt in NATIVE_FORMATS:
         return True
     if fmt == "int8_tensorwise":
-        return any(cfg.get(f) for f in NATIVE_INT8_TENSORWISE_FIELDS)
+        params = cfg.get("params") if isinstance(cfg.get("params"), dict) else {}
+        return any(cfg.get(f, params.get(f)) for f in NATIVE_INT8_TENSORWISE_FIELDS)
     return False
 
 
