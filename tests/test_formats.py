@@ -274,6 +274,14 @@ def test_unreadable_tensor_is_a_format_error():
                  layer="blk.fc")
 
 
+@pytest.mark.parametrize("make,key", [(_nf4_sd, "blk.fc.absmax"), (_int8_sd, "blk.fc.weight_scale")])
+def test_non_finite_scales_rejected(make, key):
+    sd = make()
+    bad = sd[key].clone()
+    bad.view(-1)[1] = float("inf")
+    expect_error(lambda: F.load_state_dict(_edit(sd, key, bad)), "NaN or Inf (first at index 1)", layer="blk.fc")
+
+
 def test_non_finite_nested_offset_rejected():
     sd = _edit(_nf4_sd(True), "blk.fc.nested_offset", torch.tensor(float("nan")))
     expect_error(lambda: F.load_state_dict(sd), "finite", layer="blk.fc")

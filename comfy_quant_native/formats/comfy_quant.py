@@ -145,6 +145,13 @@ def _flat(t: torch.Tensor, key: str, numel: int, source: str, layer: str) -> tor
     return t.reshape(-1)
 
 
+def check_finite(scale: torch.Tensor, key: str, source: str, layer: str) -> None:
+    """A NaN or Inf scale is a corrupt file: it would dequantize to NaN weights silently."""
+    bad = ~torch.isfinite(scale.reshape(-1))
+    if bool(bad.any()):
+        raise FormatError(source, f"{key} holds NaN or Inf (first at index {int(bad.nonzero()[0, 0])})", layer)
+
+
 def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """Low-nibble-first bytes -> our high-nibble-first bytes (a new tensor)."""
     return (packed << 4) | (packed >> 4)
@@ -194,6 +201,7 @@ def build_4bit(source: str, layer: str, spec: LayerSpec, weight: torch.Tensor, a
         absmax = _flat(absmax, absmax_key, groups, source, layer)
     if absmax.device != packed.device:
         raise FormatError(source, f"{absmax_key} is on {absmax.device}, {weight_key} on {packed.device}", layer)
+    check_finite(absmax, absmax_key, source, layer)
     try:
         return QuantizedWeight(params, packed, absmax, nested_obj)
     except (ValueError, TypeError) as e:
@@ -233,6 +241,7 @@ def build_int8(source: str, layer: str, spec: LayerSpec, weight: torch.Tensor, s
                           f"{[N, K]}", layer)
     params = _params(spec, (N, K), source, layer)
     scale = fit_int8_scale(scale, spec.layout, params.group_size, N, K, scale_key, source, layer)
+    check_finite(scale, scale_key, source, layer)
     if scale.device != weight.device:
         raise FormatError(source, f"{scale_key} is on {scale.device}, {weight_key} on {weight.device}", layer)
     try:
