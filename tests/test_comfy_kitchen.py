@@ -1,5 +1,5 @@
 """The ComfyUI glue that needs only comfy-kitchen (pip): our layouts as QuantizedTensor
-layouts, the layer presets, the safetensors header check and the atomic writer.
+layouts, the layer presets and the safetensors header check.
 These run in CI; tests/test_comfyui_*.py need a ComfyUI checkout."""
 
 from __future__ import annotations
@@ -228,25 +228,6 @@ def test_safetensors_header_checks(tmp_path):
     _write_raw(wrong, {"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32]}}, bytes(32))
     with pytest.raises(FormatError, match=r"tensor 'w': F32 \[4, 4\] needs 64 bytes"):
         files.read_safetensors_header(str(wrong))
-
-
-def test_atomic_save_never_overwrites_and_leaves_nothing_on_failure(tmp_path):
-    from safetensors.torch import load_file
-
-    path = str(tmp_path / "sub" / "model.safetensors")
-    shared = torch.arange(6.0)
-    files.save_safetensors_atomic({"a": shared, "b": shared[:3], "c": torch.ones(2)}, path, {"x": 1})
-    assert torch.equal(load_file(path)["b"], torch.arange(3.0))
-    before = open(path, "rb").read()
-    with pytest.raises(FileExistsError, match="overwrite"):
-        files.save_safetensors_atomic({"a": torch.zeros(1)}, path)
-    assert open(path, "rb").read() == before
-    with pytest.raises(Exception):
-        files.save_safetensors_atomic({"a": "not a tensor"}, path, overwrite=True)
-    assert open(path, "rb").read() == before
-    assert os.listdir(tmp_path / "sub") == ["model.safetensors"]  # no temporary left
-    files.save_safetensors_atomic({"z": torch.zeros(2)}, path, overwrite=True)
-    assert set(load_file(path)) == {"z"}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -218,7 +218,7 @@ def test_stock_formats_load_through_our_node(comfy, glue, base_latent, tmp_path)
         sd.update(formats.layer_tensors(layer, QuantizedWeight.from_float(sd.pop(layer + ".weight"), "nf4")))
     save_file(sd, str(tmp_path / "mixed.safetensors"))
     model, summary = glue.loader.load_diffusion_model(str(tmp_path / "mixed.safetensors"))
-    assert "2 nf4" in summary and "stock formats" in summary
+    assert "2 nf4" in summary and "4 comfyui:float8_e4m3fn" in summary
     dm = model.model.diffusion_model
     assert dm.double_blocks[0].img_attn.qkv.weight._layout_cls.startswith("TensorCoreFP8")
     assert dm.single_blocks[1].linear1.comfy_quant_layout == "nf4"
@@ -254,13 +254,7 @@ BAD_FILES = {
 }
 
 
-# formats' first cut raises the kernels' shape checks without the layer's name; the formats
-# work in progress names it (FormatError(source, reason, layer)).
-_NEEDS_FORMATS = pytest.mark.xfail(reason="formats first cut: shape errors do not name the layer yet", strict=False)
-
-
-@pytest.mark.parametrize("case", [c if not c.startswith("wrong") else pytest.param(c, marks=_NEEDS_FORMATS)
-                                  for c in BAD_FILES])
+@pytest.mark.parametrize("case", list(BAD_FILES))
 def test_bad_quantized_files_name_file_and_layer(glue, tmp_path, case):
     from comfy_quant_native.formats import FormatError
 

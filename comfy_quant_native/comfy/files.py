@@ -1,15 +1,12 @@
-"""Files, without ComfyUI: a safetensors header check that names what is wrong, and an
-atomic safetensors writer that never overwrites unless told to."""
+"""A safetensors header check, without ComfyUI: names the file and the tensor that is
+wrong (not safetensors, truncated, a size that does not match dtype and shape) before
+anything reads the data. (Writing goes through formats.save_file.)"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
-from collections.abc import Mapping
-
-import torch
 
 from ..formats import FormatError
 
@@ -61,52 +58,3 @@ def read_safetensors_header(path: str) -> tuple[dict, dict]:
             raise FormatError(path, f"tensor {name!r}: {dtype} {list(shape)} needs {math.prod(shape) * item} "
                                     f"bytes, the header gives {end - begin}")
     return header, metadata
-
-
-def _unshared(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous tensors with no two sharing memory (safetensors refuses shared ones)."""
-    out, seen = {}, set()
-    for k, t in sd.items():
-        t = t.detach().to("cpu").contiguous()
-        storage = t.untyped_storage().data_ptr()
-        if t.nbytes and storage in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[k] = t
-    return out
-
-
-def save_safetensors_atomic(sd: Mapping[str, torch.Tensor], path: str, metadata: dict | None = None,
-                            overwrite: bool = False) -> str:
-    """Write ``sd`` to ``path`` through a temporary file in the same folder, then move it
-    into place: readers never see a half-written file and a failure leaves nothing behind.
-    An existing file is replaced only with ``overwrite``; without it even a file that
-    appears during the write is kept (hard link, which fails on an existing name)."""
-    from safetensors.torch import save_file
-
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    if not overwrite and os.path.exists(path):
-        raise FileExistsError(f"{path} exists; enable 'overwrite' to replace it")
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=folder)
-    os.close(fd)
-    try:
-        save_file(_unshared(sd), tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists; enable 'overwrite' to replace it") from None
-            except OSError:  # no hard links on this file system
-                if os.path.exists(path):
-                    raise FileExistsError(f"{path} exists; enable 'overwrite' to replace it") from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

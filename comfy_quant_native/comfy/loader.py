@@ -4,22 +4,21 @@
 
 1. A safetensors file's header is checked first (files.read_safetensors_header): a file
    that is not safetensors, or is truncated, fails here naming the file and tensor.
-2. The form is detected (formats.detect_form). A file with no layer of ours (plain
-   weights, or only formats stock ComfyUI loads: fp8 scaled, nvfp4, mxfp8,
-   int8_tensorwise with one scale per tensor or convrot...) and every non-safetensors
-   file go to ComfyUI's own loader, untouched.
+2. The form is detected (formats.probe). A file with no layer of ours (plain weights,
+   or only formats stock ComfyUI runs: fp8 scaled, nvfp4, mxfp8, ConvRot int8...) and
+   every non-safetensors file go to ComfyUI's own loader, untouched.
 3. Otherwise formats.load_state_dict parses our layers (comfy_quant, bitsandbytes/Forge,
    convert_to_quant, _quantization_metadata header) into QuantizedWeights; each becomes a
    QuantizedTensor of our layout in the state dict (so ComfyUI's model detection sees the
    real [N, K] shapes) with a ``comfy_quant`` marker (so ComfyUI treats the model as mixed
    precision), and the model is built by ComfyUI with our ops class. Layers of stock
-   formats in the same file are left to the stock mixed-precision loader.
+   formats in the same file (formats keeps them, JSON and all) go to the stock
+   mixed-precision loader that our ops class extends.
 Every failure is a FormatError naming the file (and the layer where there is one).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -41,71 +40,6 @@ from .qtensor import from_quantized_weight
 log = logging.getLogger("comfy_quant_native")
 
 SAFETENSORS_EXT = (".safetensors", ".sft")
-# int8_tensorwise is ours when its scale is per row ([N] or [N, 1]) and not ConvRot-rotated.
-OUR_FORMATS = frozenset(L.DISK_NAME.values())
-
-
-def _stock_formats() -> set[str]:
-    import comfy.quant_ops
-
-    return set(comfy.quant_ops.QUANT_ALGOS)
-
-
-def _layer_configs(sd, metadata) -> dict[str, dict]:
-    """layer -> its comfy_quant JSON, from per-layer tensors and the file header."""
-    configs = {}
-    header = (metadata or {}).get("_quantization_metadata")
-    if header:
-        try:
-            configs.update(json.loads(header).get("layers", {}))
-        except (ValueError, AttributeError):
-            pass  # formats reports a malformed header
-    for k in sd:
-        if k.endswith(".comfy_quant"):
-            try:
-                configs[k[: -len(".comfy_quant")]] = json.loads(bytes(sd[k].to(torch.uint8).tolist()).decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                pass  # formats reports it, naming the layer
-    return configs
-
-
-def _is_stock_layer(layer: str, conf: dict, sd, stock: set[str]) -> bool:
-    fmt = conf.get("format") if isinstance(conf, dict) else None
-    if fmt not in stock:
-        return False
-    if fmt not in OUR_FORMATS:
-        return True
-    # int8_tensorwise: per-tensor scales and ConvRot rotations stay with ComfyUI.
-    if conf.get("convrot") or (conf.get("params") or {}).get("convrot"):
-        return True
-    scale = sd.get(layer + ".weight_scale")
-    weight = sd.get(layer + ".weight")
-    if scale is None or weight is None or weight.dim() != 2:
-        return False  # formats names what is missing
-    return scale.numel() != weight.shape[0]
-
-
-def split_stock_layers(sd: dict, metadata: dict | None):
-    """(our state dict, our metadata, stock tensors): stock-format layers (keys and, for a
-    header file, a per-layer comfy_quant tensor as ComfyUI's convert_old_quants writes)
-    leave the part that formats parses."""
-    stock = _stock_formats()
-    configs = _layer_configs(sd, metadata)
-    stock_layers = {layer for layer, conf in configs.items() if _is_stock_layer(layer, conf, sd, stock)}
-    if not stock_layers:
-        return sd, metadata, {}
-    ours, stock_sd = {}, {}
-    for k, v in sd.items():
-        layer = k.rsplit(".", 1)[0]
-        (stock_sd if layer in stock_layers and not k.endswith(".bias") else ours)[k] = v
-    for layer in stock_layers:
-        stock_sd.setdefault(layer + ".comfy_quant", json_tensor(configs[layer]))
-    meta = dict(metadata or {})
-    if meta.get("_quantization_metadata"):
-        header = json.loads(meta["_quantization_metadata"])
-        header["layers"] = {k: v for k, v in header.get("layers", {}).items() if k not in stock_layers}
-        meta["_quantization_metadata"] = json.dumps(header)
-    return ours, meta, stock_sd
 
 
 def _compute_dtype(sd: dict, metadata, load_device) -> torch.dtype:
@@ -141,24 +75,20 @@ def load_diffusion_model(path: str, *, w8a8: bool = True, lora_mode: str = "exac
     except Exception as e:
         raise formats.FormatError(path, f"cannot read it as safetensors: {e}") from None
     try:
-        form = formats.detect_form(sd.keys(), metadata)
-    except formats.FormatError as e:
-        raise formats.FormatError(path, e.reason, e.layer) from None
-    if form in ("plain", "comfyui_native"):
-        return _stock_load(path, disable_dynamic), f"{name}: {form}, loaded by ComfyUI"
-
-    ours, our_meta, stock_sd = split_stock_layers(sd, metadata)
-    try:
-        loaded = formats.load_state_dict(ours, our_meta, source=path)
-    except formats.FormatError as e:
-        raise formats.FormatError(path, e.reason, e.layer) from None
+        form = formats.probe(sd, metadata, source=path).form
+        if form in ("plain", "comfyui_native"):
+            return _stock_load(path, disable_dynamic), f"{name}: {form}, loaded by ComfyUI"
+        loaded = formats.load_state_dict(sd, metadata, source=path)
+    except formats.FormatError:
+        raise
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise formats.FormatError(path, f"{type(e).__name__}: {e}") from None
     if not loaded.layers:
         return _stock_load(path, disable_dynamic), f"{name}: no layer of ours, loaded by ComfyUI"
 
+    # Layers of stock formats stay in loaded.tensors (with their comfy_quant JSON) for
+    # ComfyUI's mixed-precision ops; ours become QuantizedTensors with a marker.
     new_sd = dict(loaded.tensors)
-    new_sd.update(stock_sd)
     for layer, qw in loaded.layers.items():
         new_sd[layer + ".weight"] = from_quantized_weight(qw, w8a8=w8a8)
         new_sd[layer + ".comfy_quant"] = json_tensor({"format": L.DISK_NAME[qw.layout]})
@@ -177,7 +107,7 @@ def load_diffusion_model(path: str, *, w8a8: bool = True, lora_mode: str = "exac
     # How ComfyUI rebuilds the model (non-dynamic clones, multi-GPU copies): load it again.
     model.cached_patcher_init = (reload_model, (path, w8a8, lora_mode))
     lora.install(model)
-    summary = f"{name}: {loaded.summary()}" + (f", {len(stock_sd)} tensors of stock formats" if stock_sd else "")
+    summary = f"{name}: {loaded.summary()}"
     log.info("comfy_quant_native: loaded %s", summary)
     return model, summary
 

@@ -5,7 +5,7 @@ layers are written by formats.layer_tensors (packed data, scales, comfy_quant JS
 layers of stock ComfyUI formats are written as ComfyUI writes them; everything else as
 it is in memory. As ComfyUI's own savers do, the model is loaded first, so LoRA patches
 are baked in (a quantized layer is dequantized, patched and requantized). The file is
-written atomically (files.save_safetensors_atomic) and never over an existing one
+written atomically (formats.save_file) and never over an existing one
 unless ``overwrite``.
 """
 
@@ -18,7 +18,6 @@ from collections import Counter
 import comfy.model_management
 
 from .. import __version__, formats
-from .files import save_safetensors_atomic
 from .qtensor import layout_of, to_quantized_weight
 
 log = logging.getLogger("comfy_quant_native")
@@ -59,7 +58,8 @@ def save_model(patcher, path: str, overwrite: bool = False) -> str:
                          "Quantize Model, or load it with Load Quantized Diffusion Model")
     metadata = {"comfy_quant_native": __version__,
                 "layouts": ",".join(f"{k}:{v}" for k, v in sorted(counts.items()))}
-    save_safetensors_atomic(sd, path, metadata=metadata, overwrite=overwrite)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    formats.save_file(path, {k: v.detach().to("cpu") for k, v in sd.items()}, metadata, overwrite=overwrite)
     summary = (f"{os.path.basename(path)}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
                + f", {len(sd)} tensors, {os.path.getsize(path) / 2**20:.1f} MiB")
     log.info("comfy_quant_native: saved %s", summary)
