@@ -116,6 +116,11 @@ def import_comfyui():
     shadow = sys.modules.get("comfy")
     if shadow is not None and getattr(shadow, "__file__", None):
         del sys.modules["comfy"]
+        # inspect caches module files by name; a stale entry for the shadow makes
+        # inspect.getmodule() (torch.library calls it) choke on the namespace package.
+        import inspect
+
+        inspect._filesbymodname.pop("comfy", None)
     from comfy.cli_args import args
 
     args.cpu = True
