@@ -429,3 +429,26 @@ def test_nodes_describe_every_input(comfy):
         assert cls.DESCRIPTION and cls.CATEGORY == "comfy_quant_native"
         for name, spec in cls.INPUT_TYPES()["required"].items():
             assert spec[1].get("tooltip"), (cls.__name__, name)
+
+
+def test_quantize_a_loaded_quantized_model_to_another_format(glue, base, base_latent, tmp_path):
+    """Load Quantized Diffusion Model -> Quantize Model (another format) -> Save: the int8
+    layers are dequantized and requantized; the result is still within the nf4 bound."""
+    q, _ = glue.quantize.quantize_model(base, "int8_lode", min_params=0)
+    path = str(tmp_path / "lode.safetensors")
+    glue.save.save_model(q, path)
+    loaded, _ = glue.loader.load_diffusion_model(path)
+    again, summary = glue.quantize.quantize_model(loaded, "nf4", min_params=0)
+    assert "20 of 36" in summary
+    assert {m.comfy_quant_layout for m in our_layers_after_sampling(again)} == {"nf4"}
+    assert rel(sample(again), base_latent) < BOUND["nf4"]
+    assert rel(sample(loaded), base_latent) < BOUND["int8_lode"]  # the input is unchanged
+    path2 = str(tmp_path / "resaved.safetensors")
+    glue.save.save_model(loaded, path2)  # a loaded model saves as it is
+    reloaded, summary = glue.loader.load_diffusion_model(path2)
+    assert "20 int8_lode" in summary
+
+
+def our_layers_after_sampling(model):
+    sample(model, steps=1)
+    return our_layers(model).values()
