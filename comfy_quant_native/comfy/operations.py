@@ -113,6 +113,12 @@ def make_operations(compute_dtype: torch.dtype | None, *, w8a8: bool = True, lor
                 if self.comfy_quant_layout is None or return_weight or self.comfy_quant_lora_mode == "merged":
                     return super().set_weight(weight, inplace_update=inplace_update, seed=seed,
                                               return_weight=return_weight, **kwargs)
+                if inplace_update:
+                    # Hook patches (scheduled LoRA) are applied during sampling, with no load
+                    # callback after them: requantize (merged) for them.
+                    merged = self.weight.requantize_from_float(weight).to(self.weight.dtype)
+                    self.weight = torch.nn.Parameter(merged, requires_grad=False)
+                    return None
                 # exact mode: keep the quantized weight; ON_LOAD turns the patches into a side path.
                 self.comfy_quant_pending = True
 
