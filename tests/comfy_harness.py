@@ -78,11 +78,13 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install_import_stubs() -> list[str]:
-    """Stub torchvision/torchaudio where they cannot be imported; returns the stubbed names."""
+    """Stub torchvision/torchaudio (and the modules in COMFY_TEST_STUBS, comma-separated)
+    where they cannot be imported; returns the stubbed names."""
     if any(isinstance(f, _StubFinder) for f in sys.meta_path):
         return sorted(next(f for f in sys.meta_path if isinstance(f, _StubFinder)).roots)
     roots = []
-    for name in ("torchvision", "torchaudio"):
+    extra = [n for n in os.environ.get("COMFY_TEST_STUBS", "").split(",") if n]
+    for name in ("torchvision", "torchaudio", *extra):
         try:
             __import__(name)
         except Exception:
@@ -99,7 +101,8 @@ def comfyui_path() -> str | None:
 
 
 def import_comfyui():
-    """ComfyUI's packages importable in this process, on the CPU. Returns the comfy package."""
+    """ComfyUI's packages importable in this process, on the CPU (COMFY_TEST_DEVICE=cuda: on
+    the GPU, with dynamic VRAM as ComfyUI's main.py sets it up). Returns the comfy package."""
     path = comfyui_path()
     if path is None:
         raise RuntimeError("COMFYUI_PATH does not point at a ComfyUI checkout")
@@ -123,12 +126,39 @@ def import_comfyui():
         inspect._filesbymodname.pop("comfy", None)
     from comfy.cli_args import args
 
-    args.cpu = True
-    import comfy.model_management  # noqa: F401  (device set up with args.cpu)
+    on_gpu = os.environ.get("COMFY_TEST_DEVICE", "cpu") == "cuda"
+    args.cpu = not on_gpu
+    import comfy.model_management  # noqa: F401  (device set up from args)
     import comfy.sd  # noqa: F401
     import comfy
 
+    if on_gpu and os.environ.get("COMFY_TEST_DYNAMIC_VRAM", "1") == "1":
+        _enable_dynamic_vram()
     return comfy
+
+
+def _enable_dynamic_vram() -> None:
+    """What ComfyUI's main.py does on an NVIDIA GPU: comfy-aimdo's dynamic VRAM loader."""
+    import comfy_aimdo.control
+
+    import comfy.memory_management
+    import comfy.model_management
+    import comfy.model_patcher
+
+    try:
+        comfy_aimdo.control.init(simple_vram_headroom=None)
+    except TypeError:  # comfy-aimdo 0.4.9 protocol, as main.py handles it
+        comfy_aimdo.control.init()
+    devices = [d.index for d in comfy.model_management.get_all_torch_devices()]
+    try:
+        ok = comfy_aimdo.control.init_devices([(i, 0) for i in devices])
+    except TypeError:
+        ok = comfy_aimdo.control.init_devices(devices)
+    if ok:
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+    else:
+        raise RuntimeError("comfy-aimdo did not initialise on this GPU")
 
 
 # ----------------------------------------------------------------------------- tiny Flux

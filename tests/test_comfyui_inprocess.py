@@ -365,6 +365,9 @@ def _forward(model):
 def test_lowvram_offload_and_reload(comfy, glue, base, lora_sd):
     import comfy.model_management as mm
 
+    if base.is_dynamic():
+        pytest.skip("dynamic VRAM offloads per layer by itself; this drives the legacy lowvram loader")
+
     q, _ = glue.quantize.quantize_model(base, "nf4", min_params=0)
     cpu = torch.device("cpu")
     mm.unload_all_models()
