@@ -140,7 +140,9 @@ def make_operations(compute_dtype: torch.dtype | None, *, w8a8: bool = True, lor
                         self, None, dtype=self.weight.dtype, device=input.device, bias_dtype=input.dtype,
                         offloadable=True, compute_dtype=input.dtype, want_requant=True)
                     lora = self.comfy_quant_lora
-                    if torch.compiler.is_compiling():
+                    if torch.compiler.is_compiling() or layout_of(weight) is None:
+                        # Traced (F.linear reaches the layout's custom-op handlers), or a cast
+                        # that handed back a float weight: the float path.
                         out = F.linear(input, weight, bias)
                         if lora is not None:
                             out = out + F.linear(F.linear(input, lora[0].to(input.dtype)), lora[1].to(input.dtype))
