@@ -455,3 +455,52 @@ def test_quantize_a_loaded_quantized_model_to_another_format(glue, base, base_la
 def our_layers_after_sampling(model):
     sample(model, steps=1)
     return our_layers(model).values()
+
+
+# ----------------------------------------------------------------------------- files in the wild
+def _wild_file(path, form):
+    """The tiny Flux with its 20 attention/MLP layers in nf4, written in ``form``; returns
+    the same model in our comfy_quant form (the reference)."""
+    from comfy_quant_native import QuantizedWeight, formats
+
+    sd = H.tiny_flux_state_dict(seed=0)
+    names = [k[: -len(".weight")] for k in sd if k.endswith(".weight")
+             and any(s in k for s in ("_attn.qkv", "_attn.proj", "_mlp.", "linear1", "linear2"))]
+    layers = {n: QuantizedWeight.from_float(sd.pop(n + ".weight"), "nf4", double_quant=(form == "bnb"))
+              for n in names}
+    if form == "convert_to_quant":
+        tensors = dict(sd)
+        for n, qw in layers.items():
+            t = formats.layer_tensors(n, qw)
+            packed = t[n + ".weight"]
+            t[n + ".weight"] = ((packed & 0x0F) << 4) | (packed >> 4)  # element 2j in the LOW nibble
+            meta = json.loads(bytes(t[n + ".comfy_quant"].tolist()))
+            del meta["nibble_order"]
+            from comfy_quant_native.formats.common import json_tensor
+
+            t[n + ".comfy_quant"] = json_tensor(meta)
+            tensors.update(t)
+        metadata = {}
+    else:
+        tensors, metadata = formats.emit_state_dict(layers, sd, form)
+    formats.save_file(path, tensors, metadata or None)
+    reference, _ = formats.emit_state_dict(layers, sd, "comfy_quant")
+    return reference
+
+
+@pytest.mark.parametrize("form", ["bnb", "quantization_metadata", "convert_to_quant"])
+def test_files_in_the_wild_load_like_ours(glue, tmp_path, form):
+    from comfy_quant_native import formats
+
+    path = str(tmp_path / f"{form}.safetensors")
+    reference = _wild_file(path, form)
+    formats.save_file(str(tmp_path / "ours.safetensors"), reference)
+    ours, _ = glue.loader.load_diffusion_model(str(tmp_path / "ours.safetensors"))
+    wild, summary = glue.loader.load_diffusion_model(path)
+    assert "20 nf4" in summary and form.split("_")[0] in summary, summary
+    a, b = our_layers(ours), our_layers(wild)
+    assert a.keys() == b.keys() and len(a) == 20
+    for name in a:
+        assert torch.equal(a[name].weight._qdata, b[name].weight._qdata), name
+        assert torch.equal(a[name].weight._params.scale, b[name].weight._params.scale), name
+    assert rel(sample(wild), sample(ours)) < 1e-6
