@@ -1,0 +1,200 @@
+"""How one weight becomes codes and scales: the rounding methods of the converter.
+
+``nearest`` (the default): round to nearest with absmax scales, exactly what the native
+kernels compute (``QuantizedWeight.from_float``), bit for bit.
+
+``mse``: per-group scale search. The file stores one scale per group (4-bit: absmax per
+B consecutive values; int8: one per tile), and dequantization is ``table[code] * scale``
+whatever scale is stored, so the scale is free. For each group we try the absmax scale
+shrunk by factors ``1.0 ... 0.5`` (clipping the group's largest values), keep the scale
+with the smallest squared error of the dequantized group, then refit it twice by least
+squares for the chosen codes (``s = <w, t> / <t, t>``, t the code values) and re-round.
+Every step keeps the best so far, and the absmax scale is a candidate, so no group ever
+ends with a larger error than round-to-nearest. Measured gains are in docs/QUALITY.md;
+it is offered only for the layouts where it lowers the layer's output error.
+
+float8_e4m3fn (ComfyUI's per-tensor scaled fp8): scale = amax / 448, values rounded to
+nearest-even in float32 then cast (saturating); the scale search does not help there
+(fp8 error is relative, not absolute), so fp8 has round-to-nearest only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import layouts as L
+from .. import ops
+from ..quantized import QuantizedWeight, QuantParams
+
+ROUNDINGS = ("nearest", "mse")
+# Layouts where ``mse`` lowers the output error on realistic weights (docs/QUALITY.md).
+MSE_LAYOUTS = ("nf4", "fp4", "int8_block", "int8_lode", "int8_row")
+
+# Clipping factors tried (1.0 is round-to-nearest), then least-squares refits; more
+# candidates bought < 0.2% output error in docs/QUALITY.md's runs and cost time.
+SEARCH_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+REFIT_ROUNDS = 3
+CHUNK_ELEMENTS = 1 << 20  # elements per search step: bounded temporaries, cache friendly
+
+FP8_MAX = 448.0
+
+
+# ----------------------------------------------------------------------------- fp8
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's per-tensor scaled float8_e4m3fn: (qdata float8_e4m3fn [same shape],
+    scale float32 []), dequant = qdata.float() * scale."""
+    amax = w.abs().amax().float()
+    if not bool(torch.isfinite(amax)):
+        raise ValueError(f"weight of shape {tuple(w.shape)} contains NaN or Inf")
+    scale = amax / FP8_MAX if float(amax) > 0 else torch.ones((), dtype=torch.float32, device=w.device)
+    inv = (1.0 / scale).to(torch.float32)
+    out = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+    flat_in, flat_out = w.reshape(-1), out.view(-1)
+    for i in range(0, flat_in.numel(), CHUNK_ELEMENTS):  # float32 temporaries stay small
+        c = flat_in[i : i + CHUNK_ELEMENTS].float()
+        c.mul_(inv).clamp_(-FP8_MAX, FP8_MAX)
+        flat_out[i : i + CHUNK_ELEMENTS] = c.to(torch.float8_e4m3fn)
+    return out, scale.reshape(()).to(torch.float32)
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return (q.float() * scale.float()).to(dtype)
+
+
+# ----------------------------------------------------------------------------- search core
+def _best_scales(x: torch.Tensor, absmax: torch.Tensor, roundtrip) -> torch.Tensor:
+    """x [G, E] float32 groups, absmax [G] (the round-to-nearest scales).
+    ``roundtrip(x, s)`` -> (dequantized x at per-group scales s, code values t with
+    deq = t * s). Returns the per-group scale of least squared error among: the factors
+    of SEARCH_FACTORS times absmax, then REFIT_ROUNDS least-squares refits."""
+    best_s = absmax.clone()
+    deq, _ = roundtrip(x, best_s)
+    best_err = (deq - x).square_().sum(1)
+    for c in SEARCH_FACTORS[1:]:
+        s = absmax * c
+        deq, _ = roundtrip(x, s)
+        err = (deq - x).square_().sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+    for _ in range(REFIT_ROUNDS):
+        _, t = roundtrip(x, best_s)
+        tt = t.square().sum(1)
+        s = torch.where(tt > 0, (x * t).sum(1) / tt.clamp_min(1e-30), best_s)
+        s = torch.where(s > 0, s, best_s)
+        deq, _ = roundtrip(x, s)
+        err = (deq - x).square_().sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+    return best_s
+
+
+# ----------------------------------------------------------------------------- 4-bit
+def _quantize_4bit_at(x: torch.Tensor, s: torch.Tensor, codebook: str, group_size: int):
+    """Round-to-nearest codes of groups x [G, B] at scales s [G] (each <= the group's
+    absmax), by the native kernels: clamping a group to +-s makes its absmax exactly s,
+    and values beyond +-s take the end codes either way. Returns (packed [G, B/2],
+    scales as the kernel computed them [G], dequantized [G, B] float32)."""
+    clipped = torch.minimum(torch.maximum(x, -s[:, None]), s[:, None])
+    packed, scale = ops.quantize_4bit(clipped.reshape(-1), codebook, group_size)
+    deq = ops.dequantize_4bit(packed, scale, codebook, group_size, (x.numel(),), torch.float32)
+    return packed.view(x.shape[0], -1), scale, deq.view(x.shape)
+
+
+def _search_4bit(x: torch.Tensor, codebook: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    absmax = x.abs().amax(1)
+    best_p, best_s, deq = _quantize_4bit_at(x, absmax, codebook, group_size)
+    best_err = (deq - x).square_().sum(1)
+
+    def consider(s):
+        nonlocal best_p, best_s, best_err
+        p, s, deq = _quantize_4bit_at(x, torch.minimum(s, absmax), codebook, group_size)
+        err = (deq - x).square_().sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_p = torch.where(better[:, None], p, best_p)
+        return deq, s
+
+    for c in SEARCH_FACTORS[1:]:
+        consider(absmax * c)
+    for _ in range(REFIT_ROUNDS):
+        _, _, deq = _quantize_4bit_at(x, best_s, codebook, group_size)
+        t = deq / torch.where(best_s > 0, best_s, torch.ones_like(best_s))[:, None]
+        tt = t.square().sum(1)
+        s = (x * t).sum(1) / tt.clamp_min(1e-30)
+        consider(torch.where((tt > 0) & (s > 0), s, best_s))
+    return best_p, best_s
+
+
+def quantize_4bit_mse(w: torch.Tensor, codebook: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 [ceil(n/2)], scale float32 [ceil(n/B)]) with searched scales."""
+    flat = w.reshape(-1)
+    n = flat.numel()
+    G = math.ceil(n / group_size)
+    scales = torch.empty(G, dtype=torch.float32, device=w.device)
+    packed = torch.empty(G, group_size // 2, dtype=torch.uint8, device=w.device)
+    step = max(1, CHUNK_ELEMENTS // group_size)
+    for g0 in range(0, G, step):
+        g1 = min(G, g0 + step)
+        x = flat[g0 * group_size : min(n, g1 * group_size)].float()
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"weight of shape {tuple(w.shape)} contains NaN or Inf")
+        # zero padding of the last group: codes of 0.0, the same as the odd-count pad
+        x = F.pad(x, (0, (g1 - g0) * group_size - x.numel())).view(g1 - g0, group_size)
+        packed[g0:g1], scales[g0:g1] = _search_4bit(x, codebook, group_size)
+    return packed.reshape(-1)[: (n + 1) // 2].contiguous(), scales
+
+
+# ----------------------------------------------------------------------------- int8
+def _roundtrip_int8(x, s):
+    q = torch.round(x / torch.where(s > 0, s, torch.ones_like(s))[:, None]).clamp_(-L.INT8_QMAX, L.INT8_QMAX)
+    q = torch.where((s > 0)[:, None], q, torch.zeros_like(q))
+    return q * s[:, None], q
+
+
+def quantize_int8_mse(w: torch.Tensor, layout: str, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [N, K], scale float32 in layouts.scale_shape) with searched tile scales."""
+    N, K = w.shape
+    gn, gk = L.int8_tile(layout, group_size, K)
+    kb = math.ceil(K / gk)
+    q_out = torch.empty(N, K, dtype=torch.int8, device=w.device)
+    s_out = torch.empty(math.ceil(N / gn), kb, dtype=torch.float32, device=w.device)
+    rows_per_step = max(gn, (CHUNK_ELEMENTS // max(K, 1)) // gn * gn)
+    for r0 in range(0, N, rows_per_step):
+        r1 = min(N, r0 + rows_per_step)
+        nb = math.ceil((r1 - r0) / gn)
+        x = w[r0:r1].float()
+        tiles = F.pad(x, (0, kb * gk - K, 0, nb * gn - (r1 - r0))).view(nb, gn, kb, gk)
+        groups = tiles.permute(0, 2, 1, 3).reshape(nb * kb, gn * gk)
+        absmax = groups.abs().amax(1)
+        if not bool(torch.isfinite(absmax).all()):
+            raise ValueError(f"weight of shape {tuple(w.shape)} contains NaN or Inf")
+        s = _best_scales(groups, absmax / L.INT8_QMAX, _roundtrip_int8)
+        _, q = _roundtrip_int8(groups, s)
+        q = q.view(nb, kb, gn, gk).permute(0, 2, 1, 3).reshape(nb * gn, kb * gk)
+        q_out[r0:r1] = q[: r1 - r0, :K].to(torch.int8)
+        s_out[r0 // gn : r0 // gn + nb] = s.view(nb, kb)
+    return q_out, s_out.reshape(L.scale_shape(layout, group_size, N, K))
+
+
+# ----------------------------------------------------------------------------- entry
+def quantize_weight(w: torch.Tensor, layout: str, group_size: int | None, rounding: str = "nearest") -> QuantizedWeight:
+    """One weight as a QuantizedWeight in ``layout`` by ``rounding``."""
+    if rounding == "nearest":
+        return QuantizedWeight.from_float(w, layout, group_size)
+    if rounding != "mse":
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if layout not in MSE_LAYOUTS:
+        raise ValueError(f"rounding 'mse' is not offered for {layout}")
+    g = L.check_group_size(layout, group_size, w.shape[-1] if w.dim() else None)
+    params = QuantParams(layout, g, tuple(w.shape), w.dtype)
+    if layout in L.FOUR_BIT:
+        packed, scale = quantize_4bit_mse(w, layout, g)
+        return QuantizedWeight(params, packed, scale)
+    q, scale = quantize_int8_mse(w, layout, g)
+    return QuantizedWeight(params, q, scale)
