@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -38,6 +40,8 @@ from .safetensors_stream import (
 )
 
 METADATA_KEY = "comfy_quant_native.convert"
+READ_AHEAD = 2  # tensors whose reading the kernel starts while one is quantized
+WRITE_QUEUE = 4  # output tensors waiting for the writer thread
 
 
 @dataclass
@@ -207,7 +211,7 @@ class _MetaStateDict(Mapping):
 
     def __getitem__(self, key):
         info = self.r.tensors[key]
-        if key.endswith(".comfy_quant") or info.nbytes <= 64:
+        if key.endswith(".comfy_quant"):
             return self.r.read(key).clone()
         return torch.empty(info.shape, dtype=info.dtype, device="meta")
 
@@ -259,12 +263,13 @@ def convert_file(input: str, output: str | None = None, *, format: str, group_si
         meta = _metadata(reader.metadata, conv, preset, selector.architecture)
         writer = SafetensorsWriter(output, specs, meta)
         bar = _progress(summary.bytes_in, progress)
+        background = _BackgroundWriter()
         try:
             keys = list(reader.tensors)
             for i, key in enumerate(keys):
                 info = reader.tensors[key]
-                if i + 1 < len(keys):
-                    _read_ahead(reader, keys[i + 1])
+                for nxt in keys[i + 1 : i + 1 + READ_AHEAD]:
+                    _read_ahead(reader, nxt)
                 if key in to_quantize:
                     w = reader.read(key)
                     try:
@@ -273,17 +278,19 @@ def convert_file(input: str, output: str | None = None, *, format: str, group_si
                         raise ConvertError(f"tensor {key}: {e}") from None
                     del w
                     for k, t in out.items():
-                        writer.write(k, t)
+                        background.put(writer.write, k, t)
                 else:
-                    writer.copy_from(key, reader.fileno, info.begin, info.nbytes)
-                _drop_cache(reader.fileno, info.begin, info.nbytes)
+                    background.put(writer.copy_from, key, reader.fileno, info.begin, info.nbytes)
+                background.put(_drop_cache, reader.fileno, info.begin, info.nbytes)
                 if bar is not None:
                     bar.update(info.nbytes)
                     bar.set_postfix_str(f"{i + 1}/{len(keys)} tensors", refresh=False)
+            background.close()
             if bar is not None:
                 bar.set_postfix_str("verifying", refresh=True)
             writer.commit(_verify(output, specs, conv))
         except BaseException:
+            background.abort()
             writer.abort()
             raise
         finally:
@@ -292,6 +299,52 @@ def convert_file(input: str, output: str | None = None, *, format: str, group_si
         summary.bytes_out = writer.total_size
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+class _BackgroundWriter:
+    """Writes (pwrite / copy_file_range, which release the GIL) on a thread of their own
+    while the next tensor is quantized. A bounded queue keeps at most WRITE_QUEUE
+    tensors in flight; the first error stops the run."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="comfy-quant-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            fn, args = item
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+
+    def put(self, fn, *args) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((fn, args))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        self.error = self.error or RuntimeError("aborted")
+        while True:  # drop what is queued, then stop the thread
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        self.queue.put(None)
+        self.thread.join()
 
 
 def _read_ahead(reader: SafetensorsReader, key: str) -> None:

@@ -6,16 +6,18 @@ kernels compute (``QuantizedWeight.from_float``), bit for bit.
 ``mse``: per-group scale search. The file stores one scale per group (4-bit: absmax per
 B consecutive values; int8: one per tile), and dequantization is ``table[code] * scale``
 whatever scale is stored, so the scale is free. For each group we try the absmax scale
-shrunk by factors ``1.0 ... 0.5`` (clipping the group's largest values), keep the scale
-with the smallest squared error of the dequantized group, then refit it twice by least
-squares for the chosen codes (``s = <w, t> / <t, t>``, t the code values) and re-round.
-Every step keeps the best so far, and the absmax scale is a candidate, so no group ever
-ends with a larger error than round-to-nearest. Measured gains are in docs/QUALITY.md;
-it is offered only for the layouts where it lowers the layer's output error.
+shrunk by SEARCH_FACTORS (clipping the group's largest values), keep the scale with the
+smallest squared error of the dequantized group, then refit it REFIT_ROUNDS times by
+least squares for the chosen codes (``s = <w, t> / <t, t>``, t the code values) and
+re-round. Every step keeps the best so far, and the absmax scale is the first candidate,
+so no group ends with a larger error than round-to-nearest. 4-bit candidates are rounded
+by the native kernels themselves (a group clamped to +-s has absmax s), so the codes are
+the kernels' codes at that scale. Measured gains are in docs/QUALITY.md; it is offered
+only for the layouts where it lowers the layer's output error.
 
-float8_e4m3fn (ComfyUI's per-tensor scaled fp8): scale = amax / 448, values rounded to
-nearest-even in float32 then cast (saturating); the scale search does not help there
-(fp8 error is relative, not absolute), so fp8 has round-to-nearest only.
+float8_e4m3fn (ComfyUI's per-tensor scaled fp8): scale = amax / 448, x * (1/scale) in
+float32 rounded to nearest-even e4m3 (torch's cast; the largest value is 448 give or take
+an ulp, far below 480 where the cast would give NaN).
 """
 
 from __future__ import annotations
@@ -40,23 +42,30 @@ REFIT_ROUNDS = 3
 CHUNK_ELEMENTS = 1 << 20  # elements per search step: bounded temporaries, cache friendly
 
 FP8_MAX = 448.0
+FP8_CHUNK = 1 << 20  # float32 buffer of 4 MB: stays in cache, amortizes the op overhead
 
 
 # ----------------------------------------------------------------------------- fp8
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ComfyUI's per-tensor scaled float8_e4m3fn: (qdata float8_e4m3fn [same shape],
     scale float32 []), dequant = qdata.float() * scale."""
-    amax = w.abs().amax().float()
+    lo, hi = torch.aminmax(w.reshape(-1))
+    amax = torch.maximum(-lo, hi).float()
     if not bool(torch.isfinite(amax)):
         raise ValueError(f"weight of shape {tuple(w.shape)} contains NaN or Inf")
     scale = amax / FP8_MAX if float(amax) > 0 else torch.ones((), dtype=torch.float32, device=w.device)
-    inv = (1.0 / scale).to(torch.float32)
+    inv = float((1.0 / scale).to(torch.float32))
     out = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
     flat_in, flat_out = w.reshape(-1), out.view(-1)
-    for i in range(0, flat_in.numel(), CHUNK_ELEMENTS):  # float32 temporaries stay small
-        c = flat_in[i : i + CHUNK_ELEMENTS].float()
-        c.mul_(inv).clamp_(-FP8_MAX, FP8_MAX)
-        flat_out[i : i + CHUNK_ELEMENTS] = c.to(torch.float8_e4m3fn)
+    # One float32 buffer reused chunk by chunk: fresh large temporaries cost a page
+    # fault per 4 kB, which is most of the time of a whole-tensor version.
+    buf = torch.empty(min(FP8_CHUNK, flat_in.numel()), dtype=torch.float32, device=w.device)
+    for i in range(0, flat_in.numel(), buf.numel()):
+        n = min(buf.numel(), flat_in.numel() - i)
+        b = buf[:n]
+        b.copy_(flat_in[i : i + n])
+        b.mul_(inv)  # |b| <= amax * inv = 448 (+1 ulp), which rounds to 448: no clamp needed
+        flat_out[i : i + n].copy_(b)
     return out, scale.reshape(()).to(torch.float32)
 
 
