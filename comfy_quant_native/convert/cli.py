@@ -164,13 +164,20 @@ def cmd_convert(args) -> int:
     if output is None:
         output = derived_output(args.input, fmt)
         notes.append(f"output: {output} (derived from the input name)")
-    if not args.quiet:
+
+    def announce(plan) -> None:  # only once the input is checked: errors stay one line
+        if args.quiet:
+            return
         for n in notes:
             print(f"{PROG}: {n}", file=sys.stderr)
+        print(f"{PROG}: {plan.architecture} ({plan.preset} preset): {plan.quantized} layers to {plan.format}, "
+              f"{sum(plan.kept.values())} kept in high precision", file=sys.stderr)
+
     try:
         summary = convert_file(args.input, output, format=fmt, group_size=args.group_size, preset=args.preset,
                                include=args.include, exclude=args.exclude, rounding=rounding, device=args.device,
-                               min_params=args.min_params, progress=not args.quiet, dry_run=args.dry_run)
+                               min_params=args.min_params, progress=not args.quiet, dry_run=args.dry_run,
+                               on_start=announce)
     except (ConvertError, ValueError) as e:
         return _fail(str(e))
     except OSError as e:

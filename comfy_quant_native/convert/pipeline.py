@@ -146,8 +146,8 @@ def plan_conversion(reader: SafetensorsReader, conv: Converter, selector: LayerS
             if d.quantize:
                 problem = conv.shape_problem(info.shape)
                 if problem:
-                    raise ConvertError(f"tensor {key} {list(info.shape)} cannot take {conv.format}: {problem}"
-                                       + (" (it was forced by --include)" if d.forced else ""))
+                    hint = "it was forced by --include" if d.forced else "choose another --group-size or --exclude it"
+                    raise ConvertError(f"tensor {key} {list(info.shape)} cannot take {conv.format}: {problem} ({hint})")
                 try:
                     specs += conv.plan(key, info.shape, info.dtype)
                 except ValueError as e:
@@ -225,11 +225,13 @@ class _MetaStateDict(Mapping):
 def convert_file(input: str, output: str | None = None, *, format: str, group_size: int | None = None,
                  preset: str = "auto", include: str | None = None, exclude: str | None = None,
                  rounding: str = "nearest", device: str = "cpu", min_params: int = MIN_PARAMS,
-                 progress: bool = False, dry_run: bool = False) -> ConvertSummary:
+                 progress: bool = False, dry_run: bool = False,
+                 on_start: Callable[[ConvertSummary], None] | None = None) -> ConvertSummary:
     """Convert a float safetensors checkpoint into ``format`` (one of FORMATS), streaming.
     ``output`` defaults to ``<input>_<format>.safetensors``. Returns a ConvertSummary.
     Raises ConvertError (one-line reason) for bad input or output and ValueError for bad
-    arguments; in both cases nothing is written."""
+    arguments; in both cases nothing is written. ``on_start(summary)`` is called once the
+    input is checked and the plan made, before anything is written."""
     t0 = time.perf_counter()
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
@@ -242,7 +244,7 @@ def convert_file(input: str, output: str | None = None, *, format: str, group_si
             raise ConvertError(f"{input}: already quantized ({why}); convert reads float checkpoints")
         _check_output(input, output)
         try:
-            selector = LayerSelector(preset, reader.tensors, conv.shape_problem, include, exclude, min_params)
+            selector = LayerSelector(preset, reader.tensors, include, exclude, min_params)
         except ValueError as e:
             raise ConvertError(str(e)) from None
         decisions, specs, to_quantize = plan_conversion(reader, conv, selector)
@@ -260,6 +262,8 @@ def convert_file(input: str, output: str | None = None, *, format: str, group_si
         if not to_quantize:
             raise ConvertError(f"{input}: no layer selected for quantization (preset {preset}, "
                                f"architecture {selector.architecture}); check --include/--exclude/--min-params")
+        if on_start is not None:
+            on_start(summary)
         meta = _metadata(reader.metadata, conv, preset, selector.architecture)
         writer = SafetensorsWriter(output, specs, meta)
         bar = _progress(summary.bytes_in, progress)

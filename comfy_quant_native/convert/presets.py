@@ -13,10 +13,11 @@ Rules, in order, for each ``L.weight`` of the file (first match decides):
   4. the preset keeps L (table below)            -> keep, with the preset's reason
   5. fewer than ``min_params`` values (1M)       -> keep: tiny layers save nothing and
                                                     cost a kernel launch each
-  6. K (or N for int8_blockwise) not a multiple  -> keep: the group would straddle rows
-     of the group size                              (or the tile the edge), which other
-                                                    loaders of these formats reject
-  7. otherwise                                   -> quantize
+  6. otherwise                                   -> quantize
+A layer to quantize whose shape cannot take the format's group size (K, or N for
+int8_blockwise, not a multiple of it: groups would straddle rows, which other loaders of
+these formats reject) stops the conversion with an error naming it, before anything is
+written: pick another --group-size or --exclude the layer.
 Everything that is not a ``.weight`` (biases, ``.scale`` of RMSNorms, pos_embed...)
 is copied unchanged.
 
@@ -159,10 +160,8 @@ class Decision:
 class LayerSelector:
     """Decides per weight whether it is quantized (rules in the module docstring)."""
 
-    def __init__(self, preset: str, keys: Iterable[str], shape_problem=None,
-                 include: str | None = None, exclude: str | None = None, min_params: int = MIN_PARAMS):
-        """``shape_problem(shape)`` -> why a weight cannot take the target format, or None
-        (``Converter.shape_problem``)."""
+    def __init__(self, preset: str, keys: Iterable[str], include: str | None = None,
+                 exclude: str | None = None, min_params: int = MIN_PARAMS):
         keys = list(keys)
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
@@ -173,7 +172,6 @@ class LayerSelector:
         else:
             self.architecture = preset
         self.prefix = prefix  # the layout of the file, whatever preset is forced
-        self.shape_problem = shape_problem or (lambda shape: None)
         self.min_params = min_params
         self.include = _compile(include, "--include")
         self.exclude = _compile(exclude, "--exclude")
@@ -198,9 +196,6 @@ class LayerSelector:
                 return Decision(False, f"{self.architecture}: {why}")
         if shape[0] * shape[1] < self.min_params:
             return Decision(False, f"small (< {self.min_params:,} values)")
-        problem = self.shape_problem(shape)
-        if problem:
-            return Decision(False, problem)
         return Decision(True, "")
 
 

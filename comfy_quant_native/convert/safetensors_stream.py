@@ -256,7 +256,10 @@ class SafetensorsWriter:
         directory = os.path.dirname(self.path) or "."
         self._fd = None
         self.tmp_path = None
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".partial", dir=directory)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".partial", dir=directory)
+        except OSError as e:
+            raise ConvertError(f"{self.path}: cannot create a file in {directory} ({e.strerror or e})") from None
         self._fd, self.tmp_path = fd, tmp
         try:
             _pwrite_all(fd, struct.pack("<Q", len(raw)) + raw, 0)
