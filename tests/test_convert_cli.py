@@ -30,7 +30,7 @@ SEED_LINES = [
 OURS = [
     ("-i MODEL -o OUT --format nf4 --group-size 64", "bnb_nf4"),
     ("-i MODEL -o OUT --format int8_tensorwise", "int8_tensorwise"),
-    ("-i MODEL -o OUT --format int8_lodewise --rounding mse --preset flux", "int8_lodewise"),
+    ("-i MODEL -o OUT --format int8_blockwise --rounding mse --preset flux", "int8_blockwise"),
 ]
 DERIVED = {"float8_e4m3fn": "float8_e4m3fn", "int8_blockwise": "int8_blockwise", "int8_lodewise": "int8_lodewise",
            "bnb_nf4": "nf4", "bnb_fp4": "fp4", "int8_tensorwise": "int8_tensorwise"}

@@ -5,15 +5,16 @@ kernels compute (``QuantizedWeight.from_float``), bit for bit.
 
 ``mse``: per-group scale search. The file stores one scale per group (4-bit: absmax per
 B consecutive values; int8: one per tile), and dequantization is ``table[code] * scale``
-whatever scale is stored, so the scale is free. For each group we try the absmax scale
-shrunk by SEARCH_FACTORS (clipping the group's largest values), keep the scale with the
-smallest squared error of the dequantized group, then refit it REFIT_ROUNDS times by
-least squares for the chosen codes (``s = <w, t> / <t, t>``, t the code values) and
-re-round. Every step keeps the best so far, and the absmax scale is the first candidate,
-so no group ends with a larger error than round-to-nearest. 4-bit candidates are rounded
-by the native kernels themselves (a group clamped to +-s has absmax s), so the codes are
-the kernels' codes at that scale. Measured gains are in docs/QUALITY.md; it is offered
-only for the layouts where it lowers the layer's output error.
+whatever scale is stored, so the scale is free. For each group we round to nearest at
+the absmax scale shrunk by SEARCH_FACTORS (clipping the group's largest values), then
+REFIT_ROUNDS times more at the best scale found. Each candidate's codes are scored by the
+squared error of the group after refitting its scale so that the reconstruction has no
+bias (<w_hat, w> = <w, w>, see _Best); the best codes are stored with that scale. The
+absmax scale is the first candidate, so no group scores worse than round-to-nearest's
+codes. 4-bit candidates are rounded by the native kernels themselves (a group clamped to
++-s has absmax s), so the codes are the kernels' codes at that scale. Measured in
+docs/QUALITY.md; offered only for the layouts where it lowers the layer's output error
+on every layer measured: MSE_LAYOUTS.
 
 float8_e4m3fn (ComfyUI's per-tensor scaled fp8): scale = amax / 448, x * (1/scale) in
 float32 rounded to nearest-even e4m3 (torch's cast; the largest value is 448 give or take
@@ -32,11 +33,12 @@ from .. import ops
 from ..quantized import QuantizedWeight, QuantParams
 
 ROUNDINGS = ("nearest", "mse")
-# Layouts where ``mse`` lowers the output error on realistic weights (docs/QUALITY.md).
-MSE_LAYOUTS = ("nf4", "fp4", "int8_block", "int8_lode", "int8_row")
+# Layouts where ``mse`` lowers the output error on realistic weights (docs/QUALITY.md);
+# int8_lodewise / int8_tensorwise gained < 1% there, not worth 20x the time.
+MSE_LAYOUTS = ("nf4", "fp4", "int8_block")
 
-# Clipping factors tried (1.0 is round-to-nearest), then least-squares refits; more
-# candidates bought < 0.2% output error in docs/QUALITY.md's runs and cost time.
+# Clipping factors tried (1.0 is round-to-nearest), then re-roundings at the refitted
+# scale; 21 factors down to 0.5 bought < 0.2% output error in trial runs, at 2x the time.
 SEARCH_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 REFIT_ROUNDS = 3
 CHUNK_ELEMENTS = 1 << 20  # elements per search step: bounded temporaries, cache friendly
@@ -74,70 +76,59 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) ->
 
 
 # ----------------------------------------------------------------------------- search core
-def _best_scales(x: torch.Tensor, absmax: torch.Tensor, roundtrip) -> torch.Tensor:
-    """x [G, E] float32 groups, absmax [G] (the round-to-nearest scales).
-    ``roundtrip(x, s)`` -> (dequantized x at per-group scales s, code values t with
-    deq = t * s). Returns the per-group scale of least squared error among: the factors
-    of SEARCH_FACTORS times absmax, then REFIT_ROUNDS least-squares refits."""
-    best_s = absmax.clone()
-    deq, _ = roundtrip(x, best_s)
-    best_err = (deq - x).square_().sum(1)
-    for c in SEARCH_FACTORS[1:]:
-        s = absmax * c
-        deq, _ = roundtrip(x, s)
-        err = (deq - x).square_().sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
+class _Best:
+    """Per-group best candidate so far. A candidate is a set of codes (rounded to nearest
+    at some scale; ``deq`` their dequantized values at that scale, ``s``) and is scored
+    without its bias: the scale is refitted so that the group's reconstruction w_hat has
+    <w_hat, w> = <w, w> (no shrinkage toward zero), and the score is ||w_hat - w||^2.
+    A shrunken group errs coherently, in the direction of the weights themselves, and
+    coherent errors add up in x W^T instead of averaging out; docs/QUALITY.md measured
+    plain least squares losing to round-to-nearest on modulation-like inputs."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.ww = x.square().sum(1)
+        self.err = torch.full_like(self.ww, float("inf"))
+        self.scale = torch.zeros_like(self.ww)  # the scale to store
+        self.codes: torch.Tensor | None = None  # packed 4-bit codes or int8 values, per group
+
+    def consider(self, deq: torch.Tensor, s: torch.Tensor, codes: torch.Tensor) -> None:
+        dw = (deq * self.x).sum(1)
+        ok = (dw > 0) & (s > 0)
+        gain = torch.where(ok, self.ww / torch.where(ok, dw, torch.ones_like(dw)), torch.ones_like(dw))
+        err = (deq * gain[:, None] - self.x).square_().sum(1)
+        better = err < self.err
+        self.err = torch.where(better, err, self.err)
+        self.scale = torch.where(better, s * gain, self.scale)
+        self.codes = codes.clone() if self.codes is None else torch.where(better[:, None], codes, self.codes)
+
+    def rounding_scale(self, absmax: torch.Tensor) -> torch.Tensor:
+        """The stored scale as a scale to round at (kept <= absmax: see _quantize_4bit_at)."""
+        return torch.minimum(self.scale, absmax)
+
+
+def _search(x: torch.Tensor, absmax: torch.Tensor, round_at) -> _Best:
+    """x [G, E] float32 groups; absmax [G] the round-to-nearest scales; ``round_at(s)`` ->
+    (dequantized [G, E], scale used [G], codes [G, *]). Tries SEARCH_FACTORS * absmax,
+    then REFIT_ROUNDS re-roundings at the best stored scale."""
+    best = _Best(x)
+    for c in SEARCH_FACTORS:
+        best.consider(*round_at(absmax * c))
     for _ in range(REFIT_ROUNDS):
-        _, t = roundtrip(x, best_s)
-        tt = t.square().sum(1)
-        s = torch.where(tt > 0, (x * t).sum(1) / tt.clamp_min(1e-30), best_s)
-        s = torch.where(s > 0, s, best_s)
-        deq, _ = roundtrip(x, s)
-        err = (deq - x).square_().sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-    return best_s
+        best.consider(*round_at(best.rounding_scale(absmax)))
+    return best
 
 
 # ----------------------------------------------------------------------------- 4-bit
 def _quantize_4bit_at(x: torch.Tensor, s: torch.Tensor, codebook: str, group_size: int):
     """Round-to-nearest codes of groups x [G, B] at scales s [G] (each <= the group's
     absmax), by the native kernels: clamping a group to +-s makes its absmax exactly s,
-    and values beyond +-s take the end codes either way. Returns (packed [G, B/2],
-    scales as the kernel computed them [G], dequantized [G, B] float32)."""
+    and values beyond +-s take the end codes either way. Returns (dequantized [G, B]
+    float32, scales as the kernel computed them [G], packed [G, B/2])."""
     clipped = torch.minimum(torch.maximum(x, -s[:, None]), s[:, None])
     packed, scale = ops.quantize_4bit(clipped.reshape(-1), codebook, group_size)
     deq = ops.dequantize_4bit(packed, scale, codebook, group_size, (x.numel(),), torch.float32)
-    return packed.view(x.shape[0], -1), scale, deq.view(x.shape)
-
-
-def _search_4bit(x: torch.Tensor, codebook: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    absmax = x.abs().amax(1)
-    best_p, best_s, deq = _quantize_4bit_at(x, absmax, codebook, group_size)
-    best_err = (deq - x).square_().sum(1)
-
-    def consider(s):
-        nonlocal best_p, best_s, best_err
-        p, s, deq = _quantize_4bit_at(x, torch.minimum(s, absmax), codebook, group_size)
-        err = (deq - x).square_().sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-        best_p = torch.where(better[:, None], p, best_p)
-        return deq, s
-
-    for c in SEARCH_FACTORS[1:]:
-        consider(absmax * c)
-    for _ in range(REFIT_ROUNDS):
-        _, _, deq = _quantize_4bit_at(x, best_s, codebook, group_size)
-        t = deq / torch.where(best_s > 0, best_s, torch.ones_like(best_s))[:, None]
-        tt = t.square().sum(1)
-        s = (x * t).sum(1) / tt.clamp_min(1e-30)
-        consider(torch.where((tt > 0) & (s > 0), s, best_s))
-    return best_p, best_s
+    return deq.view(x.shape), scale, packed.view(x.shape[0], -1)
 
 
 def quantize_4bit_mse(w: torch.Tensor, codebook: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,15 +146,16 @@ def quantize_4bit_mse(w: torch.Tensor, codebook: str, group_size: int) -> tuple[
             raise ValueError(f"weight of shape {tuple(w.shape)} contains NaN or Inf")
         # zero padding of the last group: codes of 0.0, the same as the odd-count pad
         x = F.pad(x, (0, (g1 - g0) * group_size - x.numel())).view(g1 - g0, group_size)
-        packed[g0:g1], scales[g0:g1] = _search_4bit(x, codebook, group_size)
+        best = _search(x, x.abs().amax(1), lambda s: _quantize_4bit_at(x, s, codebook, group_size))
+        packed[g0:g1], scales[g0:g1] = best.codes, best.scale
     return packed.reshape(-1)[: (n + 1) // 2].contiguous(), scales
 
 
 # ----------------------------------------------------------------------------- int8
-def _roundtrip_int8(x, s):
+def _round_int8_at(x: torch.Tensor, s: torch.Tensor):
     q = torch.round(x / torch.where(s > 0, s, torch.ones_like(s))[:, None]).clamp_(-L.INT8_QMAX, L.INT8_QMAX)
     q = torch.where((s > 0)[:, None], q, torch.zeros_like(q))
-    return q * s[:, None], q
+    return q * s[:, None], s, q
 
 
 def quantize_int8_mse(w: torch.Tensor, layout: str, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,11 +175,10 @@ def quantize_int8_mse(w: torch.Tensor, layout: str, group_size: int | None) -> t
         absmax = groups.abs().amax(1)
         if not bool(torch.isfinite(absmax).all()):
             raise ValueError(f"weight of shape {tuple(w.shape)} contains NaN or Inf")
-        s = _best_scales(groups, absmax / L.INT8_QMAX, _roundtrip_int8)
-        _, q = _roundtrip_int8(groups, s)
-        q = q.view(nb, kb, gn, gk).permute(0, 2, 1, 3).reshape(nb * gn, kb * gk)
+        best = _search(groups, absmax / L.INT8_QMAX, lambda s: _round_int8_at(groups, s))
+        q = best.codes.view(nb, kb, gn, gk).permute(0, 2, 1, 3).reshape(nb * gn, kb * gk)
         q_out[r0:r1] = q[: r1 - r0, :K].to(torch.int8)
-        s_out[r0 // gn : r0 // gn + nb] = s.view(nb, kb)
+        s_out[r0 // gn : r0 // gn + nb] = best.scale.view(nb, kb)
     return q_out, s_out.reshape(L.scale_shape(layout, group_size, N, K))
 
 
