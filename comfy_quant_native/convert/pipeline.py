@@ -136,10 +136,11 @@ def _metadata(input_meta: Mapping[str, str], conv: Converter, preset: str, arch:
 
 
 def plan_conversion(reader: SafetensorsReader, conv: Converter, selector: LayerSelector):
-    """(decisions by weight key, output specs in input order, weight keys to quantize)."""
+    """(decisions by weight key, output specs in input order, {weight key to quantize:
+    its output keys})."""
     decisions: dict[str, Decision] = {}
     specs: list[OutputSpec] = []
-    to_quantize: set[str] = set()
+    to_quantize: dict[str, list[str]] = {}  # weight key -> its output keys
     for key, info in reader.tensors.items():
         if key.endswith(".weight") and len(info.shape) >= 2:  # 1-D norm weights are just copied
             d = selector.decide(layer_prefix(key), info.shape, info.dtype in L.FLOAT_DTYPES)
@@ -149,10 +150,11 @@ def plan_conversion(reader: SafetensorsReader, conv: Converter, selector: LayerS
                     hint = "it was forced by --include" if d.forced else "choose another --group-size or --exclude it"
                     raise ConvertError(f"tensor {key} {list(info.shape)} cannot take {conv.format}: {problem} ({hint})")
                 try:
-                    specs += conv.plan(key, info.shape, info.dtype)
+                    planned = conv.plan(key, info.shape, info.dtype)
                 except ValueError as e:
                     raise ConvertError(f"tensor {key}: {e}") from None
-                to_quantize.add(key)
+                specs += planned
+                to_quantize[key] = [p.key for p in planned]
             decisions[key] = d
             if d.quantize:
                 continue
@@ -160,9 +162,11 @@ def plan_conversion(reader: SafetensorsReader, conv: Converter, selector: LayerS
     return decisions, specs, to_quantize
 
 
-def _verify(path: str, specs: list[OutputSpec], conv: Converter) -> Callable[[str], None]:
-    """Re-open the written file: header against the plan, safetensors' own reader, and
-    every quantized layer through this package's loader (structure only)."""
+def _verify(path: str, specs: list[OutputSpec], layers: dict[str, list[str]], conv: Converter
+            ) -> Callable[[str], None]:
+    """Re-open the written file: its header against the plan, safetensors' own reader,
+    and each quantized layer through this package's loader, one layer at a time (its
+    weight memory-mapped and untouched, its scales read: they must be finite)."""
 
     def verify(tmp: str) -> None:
         infos, _, _ = read_header(tmp)
@@ -186,40 +190,21 @@ def _verify(path: str, specs: list[OutputSpec], conv: Converter) -> Callable[[st
             raise
         except Exception as e:  # noqa: BLE001 - any refusal by safetensors fails the run
             raise ConvertError(f"{path}: verification failed: safetensors cannot open it ({e})") from None
-        if conv.layout is None:
-            return
         with SafetensorsReader(tmp) as r:
-            lazy = _MetaStateDict(r)
-            try:
-                loaded = formats.load_state_dict(lazy, r.metadata, source=path)
-            except Exception as e:  # noqa: BLE001 - the loader's complaint is the finding
-                raise ConvertError(f"{path}: verification failed: {e}") from None
-            n = sum(1 for k in want if k.endswith(".comfy_quant"))
-            if len(loaded.layers) != n:
-                raise ConvertError(f"{path}: verification failed: the loader found {len(loaded.layers)} "
-                                   f"quantized layers, the file has {n}")
+            for prefix, keys in layers.items():
+                sd = {k: r.read(k) for k in keys}
+                try:
+                    loaded = formats.load_state_dict(sd, r.metadata, source=path)
+                except Exception as e:  # noqa: BLE001 - the loader's complaint is the finding
+                    raise ConvertError(f"{path}: verification failed: {e}") from None
+                ok = (set(loaded.layers) == {prefix}) if conv.layout is not None else \
+                    (not loaded.layers and f"{prefix}.weight" in loaded.tensors)
+                if not ok:
+                    raise ConvertError(f"{path}: verification failed: the loader does not read layer {prefix} "
+                                       f"as {conv.format}")
+                del sd, loaded
 
     return verify
-
-
-class _MetaStateDict(Mapping):
-    """A file's tensors as meta tensors (shape and dtype, no data), except the small
-    ``comfy_quant`` JSON tensors, which are read: enough for the loader's structure checks."""
-
-    def __init__(self, reader: SafetensorsReader):
-        self.r = reader
-
-    def __getitem__(self, key):
-        info = self.r.tensors[key]
-        if key.endswith(".comfy_quant"):
-            return self.r.read(key).clone()
-        return torch.empty(info.shape, dtype=info.dtype, device="meta")
-
-    def __iter__(self):
-        return iter(self.r.tensors)
-
-    def __len__(self):
-        return len(self.r.tensors)
 
 
 def convert_file(input: str, output: str | None = None, *, format: str, group_size: int | None = None,
@@ -292,7 +277,7 @@ def convert_file(input: str, output: str | None = None, *, format: str, group_si
             background.close()
             if bar is not None:
                 bar.set_postfix_str("verifying", refresh=True)
-            writer.commit(_verify(output, specs, conv))
+            writer.commit(_verify(output, specs, {layer_prefix(k): v for k, v in to_quantize.items()}, conv))
         except BaseException:
             background.abort()
             writer.abort()
