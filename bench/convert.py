@@ -191,18 +191,19 @@ def quality(args) -> None:
     print(f"\nRelative output error ||xW^T - xWq^T|| / ||xW^T||, mean of {args.seeds} seeds, {args.tokens} tokens; "
           f"weights Student-t(4) with 0.5% input channels x8 and per-row gains; activations Student-t(5) "
           f"with 1% channels x20 (modulation: SiLU of a Gaussian, 1% channels x20). {machine()}\n")
-    print("| format | layer | nearest (RTN) | mse | change | mse worse in |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| format | layer | nearest (RTN) | mse | mean change | worst change | mse worse in |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for (fmt, name), v in results.items():
         rtn = sum(a for a, _ in v) / len(v)
         mse = sum(b for _, b in v) / len(v)
-        worse = sum(1 for a, b in v if b >= a)
-        offered = LAYOUT_OF_FORMAT[fmt] in R.MSE_LAYOUTS
         if mse != mse:  # NaN: no mse for this format
-            print(f"| {fmt} | {name} | {rtn:.5f} | n/a | | |")
-        else:
-            print(f"| {fmt} | {name} | {rtn:.5f} | {mse:.5f}{'' if offered else ' (not offered)'} | "
-                  f"{100 * (mse - rtn) / rtn:+.1f}% | {worse}/{len(v)} |")
+            print(f"| {fmt} | {name} | {rtn:.5f} | n/a | | | |")
+            continue
+        worse = sum(1 for a, b in v if b >= a)
+        worst = max((b - a) / a for a, b in v)
+        offered = LAYOUT_OF_FORMAT[fmt] in R.MSE_LAYOUTS
+        print(f"| {fmt} | {name} | {rtn:.5f} | {mse:.5f}{'' if offered else ' (not offered)'} | "
+              f"{100 * (mse - rtn) / rtn:+.1f}% | {100 * worst:+.1f}% | {worse}/{len(v)} |")
     if t_method:
         print("\nQuantization time, all layers and seeds (s): "
               + ", ".join(f"{f} {r} {t:.1f}" for (f, r), t in sorted(t_method.items())))

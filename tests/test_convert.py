@@ -333,3 +333,18 @@ def test_inspect_other_forms_and_inconsistencies(tmp_path):
     assert any("bad: absmax has shape [7]" in x for x in r.problems)
     assert any("orphan.absmax" in x for x in r.problems)
     assert r.by_format()["float16"]["layers"] == 1
+
+
+def test_package_level_api_example(flux_file, tmp_path):
+    """docs/CONVERTER.md's Python example."""
+    import comfy_quant_native as cqn
+
+    summary = cqn.convert_file(flux_file, str(tmp_path / "o.safetensors"), format="nf4", min_params=0)
+    assert summary.quantized > 0 and summary.bytes_out < summary.bytes_in and "wrote" in str(summary)
+    w = torch.randn(256, 384)
+    conv = cqn.Converter("int8_blockwise", group_size=128)
+    tensors = conv.convert("double_blocks.0.img_attn.qkv", w)
+    assert set(tensors) == {f"double_blocks.0.img_attn.qkv.{s}" for s in ("weight", "weight_scale", "comfy_quant")}
+    assert tensors["double_blocks.0.img_attn.qkv.weight_scale"].shape == (2, 3)
+    assert json_of(tensors["double_blocks.0.img_attn.qkv.comfy_quant"])["format"] == "int8_blockwise"
+    assert cqn.inspect_file(str(tmp_path / "o.safetensors")).architecture == "flux"

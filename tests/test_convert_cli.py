@@ -30,7 +30,7 @@ SEED_LINES = [
 OURS = [
     ("-i MODEL -o OUT --format nf4 --group-size 64", "bnb_nf4"),
     ("-i MODEL -o OUT --format int8_tensorwise", "int8_tensorwise"),
-    ("-i MODEL -o OUT --format int8_blockwise --rounding mse --preset flux", "int8_blockwise"),
+    ("-i MODEL -o OUT --format fp4 --rounding mse --preset flux --exclude single_blocks", "bnb_fp4"),
 ]
 DERIVED = {"float8_e4m3fn": "float8_e4m3fn", "int8_blockwise": "int8_blockwise", "int8_lodewise": "int8_lodewise",
            "bnb_nf4": "nf4", "bnb_fp4": "fp4", "int8_tensorwise": "int8_tensorwise"}
@@ -106,6 +106,7 @@ def test_contradictory_words(line, message, model, capsys):
     ("-i MODEL --nf4 --block_size 48", "power of two"),
     ("-i MODEL --nf4 --block_size 512", "cannot take nf4"),
     ("-i MODEL --format float8_e4m3fn --rounding mse", "does not lower"),
+    ("-i MODEL --format int8_blockwise --rounding mse", "does not lower"),
     ("-i MODEL --nf4 --include (", "invalid regular expression"),
     ("-i MODEL.missing --nf4", "no such file"),
     ("-i MODEL --nf4 -o /nonexistent/dir/x.safetensors", "does not exist"),

@@ -49,7 +49,7 @@ def test_mse_never_worse_than_nearest_per_group(layout, shape):
     w = realistic_weight(shape, g, torch.bfloat16)
     w[0, :5] = 0  # zeros and a constant run inside a group
     w[-1, -3:] = 0.01
-    group = 32 if layout == "int8_block" else 64
+    group = 64
     rtn = QuantizedWeight.from_float(w, layout, group)
     mse = R.quantize_weight(w, layout, group, "mse")
     assert mse.params == rtn.params
@@ -105,8 +105,8 @@ def test_mse_lowers_output_error_on_realistic_weights(layout):
 
 
 def test_mse_not_offered_where_it_does_not_win():
-    for layout in ("int8_lode", "int8_row"):
+    for layout in ("int8_block", "int8_lode", "int8_row"):
         with pytest.raises(ValueError, match="not offered"):
             R.quantize_weight(torch.randn(8, 128), layout, None if layout == "int8_row" else 64, "mse")
     with pytest.raises(ValueError, match="does not lower"):
-        Converter("int8_tensorwise", rounding="mse")
+        Converter("int8_blockwise", rounding="mse")
