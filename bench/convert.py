@@ -56,19 +56,27 @@ def machine() -> str:
 
 
 # ----------------------------------------------------------------------------- speed
-def _run_measured(cmd: list[str]) -> tuple[int, float, int, str]:
-    """Runs cmd; peak RSS from wait4 of exactly that child."""
+# The child reports its own peak RSS (VmHWM, which exec resets): a parent's wait4
+# ru_maxrss would count the parent's pages shared at fork.
+CHILD = ("import sys\n"
+         "from comfy_quant_native.convert.cli import main\n"
+         "rc = main(sys.argv[1:])\n"
+         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+         "print('VmHWM_kB', hwm)\n"
+         "sys.exit(rc)\n")
+
+
+def _run_measured(args: list[str]) -> tuple[int, float, int, str]:
+    """(return code, seconds, peak RSS in bytes, output) of `comfy-quant <args>` in a child."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
-    chunks = []
-    while True:  # drain the pipe without reaping the child, then reap it with wait4
-        b = p.stdout.read(65536)
-        if not b:
-            break
-        chunks.append(b)
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024, b"".join(chunks).decode(errors="replace")
+    p = subprocess.run([sys.executable, "-c", CHILD] + args, capture_output=True, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    out = (p.stdout + p.stderr).decode(errors="replace")
+    rss = 0
+    for line in out.splitlines():
+        if line.startswith("VmHWM_kB"):
+            rss = int(line.split()[1]) * 1024
+    return p.returncode, seconds, rss, out
 
 
 def speed(args) -> None:
@@ -99,8 +107,8 @@ def speed(args) -> None:
                     if rounding == "mse" and LAYOUT_OF_FORMAT[fmt] not in R.MSE_LAYOUTS:
                         continue
                     out = os.path.join(work, f"out_{fmt}.safetensors")
-                    cmd = [sys.executable, "-m", "comfy_quant_native", "convert", "-i", src, "-o", out,
-                           "--format", fmt, "--device", device, "--rounding", rounding, "-q"]
+                    cmd = ["convert", "-i", src, "-o", out, "--format", fmt, "--device", device,
+                           "--rounding", rounding, "-q"]
                     load = os.getloadavg()[0]
                     rc, secs, rss, log = _run_measured(cmd)
                     if rc != 0:
