@@ -1,6 +1,7 @@
 """Converter benchmarks (not tests). Two parts:
 
   python bench/convert.py speed   [--formats nf4,int8_blockwise,...] [--devices cpu,cuda] [--dir DIR]
+                                  [--mse-devices cuda] [--small]
       Generates a synthetic checkpoint with Flux.1-dev's tensor names and shapes
       (11.9 G parameters, 23.8 GB of bf16) in DIR, converts it with `comfy-quant convert`
       in a child process per format and device, and reports seconds, GB/s of input and
@@ -103,7 +104,8 @@ def speed(args) -> None:
               f"in {gen_s:.0f} s ({size / gen_s / 1e9:.2f} GB/s)", file=sys.stderr)
         for device in devices:
             for fmt in formats:
-                for rounding in args.roundings.split(","):
+                roundings = ["nearest"] + (["mse"] if device in args.mse_devices.split(",") else [])
+                for rounding in roundings:
                     if rounding == "mse" and LAYOUT_OF_FORMAT[fmt] not in R.MSE_LAYOUTS:
                         continue
                     out = os.path.join(work, f"out_{fmt}.safetensors")
@@ -223,7 +225,7 @@ def main() -> None:
     s = sub.add_parser("speed")
     s.add_argument("--formats", default="nf4,fp4,int8_blockwise,int8_lodewise,int8_tensorwise,float8_e4m3fn")
     s.add_argument("--devices", default="cpu")
-    s.add_argument("--roundings", default="nearest")
+    s.add_argument("--mse-devices", default="cuda", help="devices that also run --rounding mse (where offered)")
     s.add_argument("--dir", default=tempfile.gettempdir())
     s.add_argument("--small", action="store_true", help="2 double + 4 single blocks (1.3 G params), for a try run")
     q = sub.add_parser("quality")
