@@ -348,3 +348,20 @@ def test_package_level_api_example(flux_file, tmp_path):
     assert tensors["double_blocks.0.img_attn.qkv.weight_scale"].shape == (2, 3)
     assert json_of(tensors["double_blocks.0.img_attn.qkv.comfy_quant"])["format"] == "int8_blockwise"
     assert cqn.inspect_file(str(tmp_path / "o.safetensors")).architecture == "flux"
+
+
+_CUDA_INT8 = pytest.mark.xfail(reason="reference int8 on CUDA: `amax / 127` by a Python scalar runs as amax * (1/127) in "
+                                      "PyTorch's CUDA kernel, not the true division of the contract (C kernels, CPU): "
+                                      "~0.01% of codes differ by one; the CUDA kernels (or a tensor divisor) fix it")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", pytest.param("int8_blockwise", marks=_CUDA_INT8),
+                                 pytest.param("int8_lodewise", marks=_CUDA_INT8),
+                                 pytest.param("int8_tensorwise", marks=_CUDA_INT8), "float8_e4m3fn"])
+def test_cuda_converter_matches_cpu(fmt):
+    w = torch.randn(768, 1536).bfloat16()
+    a, b = Converter(fmt).convert("l", w), Converter(fmt, device="cuda").convert("l", w)
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
