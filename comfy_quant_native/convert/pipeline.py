@@ -5,9 +5,10 @@
     print(summary)
 
 Memory: one input tensor is mapped at a time (and the next one is read ahead by the
-kernel), its quantized form is written out at once with ``pwrite``; tensors kept in high
-precision are copied file to file by the kernel (``copy_file_range``) without entering
-Python. Peak memory is the interpreter and torch (~0.4 GB) plus a few tensors.
+kernel), its quantized form is written by a writer thread with ``pwrite`` while the next
+is quantized; tensors kept in high precision are copied file to file by the kernel
+(``copy_file_range``) without entering Python. Peak memory is the interpreter and torch
+(~0.4 GB) plus a few tensors: 0.5-1.2 GB for Flux.1-dev (docs/BENCHMARKS.md).
 
 Safety: the output is written to a temporary file beside it, fsynced, re-opened and
 checked (every key, dtype and shape against the plan; every quantized layer's keys and
