@@ -1,4 +1,6 @@
-"""python -m comfy_quant_native {demo,convert,inspect} ..."""
+"""python -m comfy_quant_native {demo,convert,inspect} ...
+
+``convert`` and ``inspect`` are the ``comfy-quant`` command line (convert/cli.py)."""
 
 import sys
 
@@ -9,8 +11,9 @@ def main(argv=None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
-    print("usage: python -m comfy_quant_native demo [options]", file=sys.stderr)
-    return 2
+    from .convert.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
