@@ -350,15 +350,9 @@ def test_package_level_api_example(flux_file, tmp_path):
     assert cqn.inspect_file(str(tmp_path / "o.safetensors")).architecture == "flux"
 
 
-_CUDA_INT8 = pytest.mark.xfail(reason="reference int8 on CUDA: `amax / 127` by a Python scalar runs as amax * (1/127) in "
-                                      "PyTorch's CUDA kernel, not the true division of the contract (C kernels, CPU): "
-                                      "~0.01% of codes differ by one; the CUDA kernels (or a tensor divisor) fix it")
-
-
 @pytest.mark.cuda
-@pytest.mark.parametrize("fmt", ["nf4", "fp4", pytest.param("int8_blockwise", marks=_CUDA_INT8),
-                                 pytest.param("int8_lodewise", marks=_CUDA_INT8),
-                                 pytest.param("int8_tensorwise", marks=_CUDA_INT8), "float8_e4m3fn"])
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8_blockwise", "int8_lodewise",
+                                 "int8_tensorwise", "float8_e4m3fn"])
 def test_cuda_converter_matches_cpu(fmt):
     w = torch.randn(768, 1536).bfloat16()
     a, b = Converter(fmt).convert("l", w), Converter(fmt, device="cuda").convert("l", w)

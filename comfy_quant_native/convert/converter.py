@@ -117,7 +117,7 @@ class Converter:
             torch.empty(L.packed_shape(self.layout, N, K), dtype=data_dtype, device="meta"),
             torch.empty(L.scale_shape(self.layout, self.group_size, N, K), dtype=torch.float32, device="meta"),
         )
-        tensors = _stock_comfy_shapes(formats.layer_tensors(prefix, meta), self.layout)
+        tensors = formats.layer_tensors(prefix, meta)
         return [OutputSpec(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
 
     # ------------------------------------------------------------------ work
@@ -146,18 +146,5 @@ class Converter:
                    f"{prefix}.comfy_quant": json_tensor(FP8_JSON)}
         else:
             qw = self.quantize(prefix, w)
-            out = _stock_comfy_shapes(formats.layer_tensors(prefix, qw), self.layout)
+            out = formats.layer_tensors(prefix, qw)  # int8_tensorwise scales as [N, 1], as stock ComfyUI reads them
         return {k: v.cpu() for k, v in out.items()}
-
-
-def _stock_comfy_shapes(tensors: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
-    """int8_tensorwise per-row scales as [N, 1]: stock ComfyUI (comfy-kitchen's
-    TensorWiseINT8Layout) dequantizes ``q.float() * scale``, which needs [N, 1] to
-    broadcast over rows; our loader reads [N] and [N, 1] alike."""
-    if layout != "int8_row":
-        return tensors
-    out = dict(tensors)
-    for k, v in tensors.items():
-        if k.endswith(".weight_scale") and v.dim() == 1:
-            out[k] = v.reshape(-1, 1)
-    return out

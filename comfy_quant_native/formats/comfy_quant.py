@@ -23,7 +23,7 @@
                         "orig_dtype": ...}
     int8_tensorwise (per row; ComfyUI's own name)
         L.weight       int8 [N, K]
-        L.weight_scale float32 [N] (read also: [N, 1], or one value for the whole tensor)
+        L.weight_scale float32 [N, 1] as stock ComfyUI reads it (read also: [N], or one value)
         L.comfy_quant  {"format": "int8_tensorwise", "per_row": true, "orig_dtype": ...}
 
 ``orig_dtype`` of int8 layers is optional (an addition to ComfyUI's JSON, which ignores it);
@@ -78,7 +78,10 @@ def layer_tensors(prefix: str, qw: QuantizedWeight, *, with_json: bool = True) -
         else:
             out[f"{prefix}.absmax"] = qw.scale
     else:
-        out[f"{prefix}.weight_scale"] = qw.scale
+        # int8_tensorwise scales go to disk as [N, 1]: stock ComfyUI dequantizes with
+        # q.float() * scale, which broadcasts per row only in that shape.
+        scale = qw.scale.reshape(-1, 1) if qw.layout == "int8_row" else qw.scale
+        out[f"{prefix}.weight_scale"] = scale
     return out
 
 
