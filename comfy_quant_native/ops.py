@@ -72,6 +72,20 @@ def _load_cuda() -> None:
 
 _load_cuda()
 
+# Kernel variants of the CUDA backend, forced by tests and bench/gpu_ops.py (0 = automatic).
+CUDA_KNOBS = {"gemm_int8": 0, "linear_4bit": 1, "split_k": 2, "skinny_tile": 3, "linear_int8": 4}
+
+
+def cuda_kernel_variant(knob: str, value: int) -> int:
+    """Force a variant of the CUDA kernels (csrc/cuda/common.cuh, enum Knob); returns the
+    previous value. For tests and benchmarks: the automatic choice (0) is the product path."""
+    if _CUDA_REASON is not None:
+        raise RuntimeError(f"CUDA kernels unavailable: {_CUDA_REASON}")
+    import ctypes
+
+    lib = ctypes.CDLL(_CUDA_SO)  # the same loaded object as _C's, so the same state
+    return int(lib.cq_cuda_set_variant(CUDA_KNOBS[knob], int(value)))
+
 BACKENDS = ("cuda", "cpu", "reference")
 _forced = threading.local()
 
