@@ -217,6 +217,10 @@ def bench_linear(rows: list[dict], shapes, tokens, have_bnb: bool) -> None:
                 rows.append(dict(op="linear", K=K, N=N, M=M, method=method, ms=ms))
 
             add("bf16", lambda wi: F.linear(x, wi, bias), 2 * N * K, lambda: w.clone())
+            if M >= 256:  # the same bf16 weight every call (partly L2-resident, as ours' fresh one)
+                C1 = 1
+                ms = time_graph(lambda i: F.linear(x, w, bias), C1, reps)
+                rows.append(dict(op="linear", K=K, N=N, M=M, method="bf16 one weight", ms=ms))
             add("ours nf4", lambda pi: ops.linear_4bit(x, pi, a, "nf4", 64, (N, K), bias),
                 p.numel() + 4 * a.numel(), lambda: p.clone())
             add("eager nf4", lambda pi: F.linear(x, reference.dequantize_4bit(pi, a, "nf4", 64, (N, K),

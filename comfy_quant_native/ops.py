@@ -86,6 +86,13 @@ def cuda_kernel_variant(knob: str, value: int) -> int:
     lib = ctypes.CDLL(_CUDA_SO)  # the same loaded object as _C's, so the same state
     return int(lib.cq_cuda_set_variant(CUDA_KNOBS[knob], int(value)))
 
+
+# COMFY_QUANT_CUDA_VARIANTS="gemm_int8=3,split_k=2": the same, from the environment (debugging).
+if _CUDA_REASON is None and os.environ.get("COMFY_QUANT_CUDA_VARIANTS"):
+    for _item in os.environ["COMFY_QUANT_CUDA_VARIANTS"].split(","):
+        _k, _, _v = _item.partition("=")
+        cuda_kernel_variant(_k.strip(), int(_v))
+
 BACKENDS = ("cuda", "cpu", "reference")
 _forced = threading.local()
 

@@ -121,6 +121,37 @@ __device__ __forceinline__ void store_pair(T *y, int64_t row, int64_t col, int64
     }
 }
 
+/* mbarrier arrive on the barrier at the same shared-memory offset in cluster CTA `cta` */
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("{\n.reg .b32 remote;\n"
+                 "mapa.shared::cluster.u32 remote, %0, %1;\n"
+                 "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+                 "r"(cta)
+                 : "memory");
+#endif
+}
+/* the box lands at the same offset in every CTA of `mask`, each CTA's mbarrier there
+ * is credited with the bytes it receives */
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap *map, int c0, int c1,
+                                                      uint32_t bar, uint16_t mask) {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%4, %5}], [%2], %3;\n" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "h"(mask), "r"(c0), "r"(c1)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_sync_all() {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
+/* Two CTAs of a cluster take neighbouring 128-row tiles of xq and the same BN columns
+ * of wq: each loads its own A and one half of B, multicast to both, which halves the
+ * L2 -> SM traffic of B (the kernel is bound by that traffic without it). A stage is
+ * refilled only after the consumers of both CTAs released it (empty count 16). */
 template <typename T, int BN, bool PROMOTE, bool XS_GROUPED>
 __global__ void __launch_bounds__(384, 1)
 gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmB,
@@ -128,11 +159,11 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                 T *__restrict__ y, int64_t M, int64_t N, int64_t K, int64_t xs_groups, int64_t gn, int64_t gk) {
 #ifdef CQ_SM90_DEVICE
     using Cfg = Sm90Cfg<BN, PROMOTE>;
-    constexpr int STAGES = Cfg::STAGES, A_BYTES = Cfg::A_BYTES, B_BYTES = Cfg::B_BYTES;
+    constexpr int STAGES = Cfg::STAGES, A_BYTES = Cfg::A_BYTES, B_BYTES = Cfg::B_BYTES, HALF_B = BN / 2;
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = s_addr(smem_raw);
     const uint32_t base = (raw + 1023u) & ~1023u; /* swizzled tiles need 1024-byte alignment */
-    uint8_t *gbase = smem_raw + (base - raw);
+    uint8_t *gbase = smem_raw + (base - raw);     /* same offset in both CTAs: same dynamic smem layout */
     const uint32_t sA = base, sB = base + STAGES * A_BYTES;
     float *wsm = reinterpret_cast<float *>(gbase + STAGES * (A_BYTES + B_BYTES));
     const uint32_t bars = base + STAGES * (A_BYTES + B_BYTES + Cfg::WS_BYTES);
@@ -140,19 +171,19 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
     auto empty = [&](int s) { return bars + 8u * (STAGES + s); };
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = tid >> 5, lane = tid & 31;
+    const uint32_t rank = blockIdx.x & 1u; /* cluster (2, 1, 1) */
     const int64_t m0 = (int64_t)blockIdx.x * SM90_BM, n0 = (int64_t)blockIdx.y * BN;
     const int ktiles = (int)((K + SM90_BK - 1) / SM90_BK);
     const int64_t kb = (K + gk - 1) / gk;
-    const int tiles_per_group = PROMOTE ? (int)(gk / SM90_BK) : 1;
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; s++) {
             mbar_init(full(s), 1 + (PROMOTE ? 32 : 0));
-            mbar_init(empty(s), 8);
+            mbar_init(empty(s), 16);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();
+    cluster_sync_all();
 
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -163,7 +194,8 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                 mbar_wait(empty(s), ph ^ 1u);
                 mbar_expect_tx(full(s), A_BYTES + B_BYTES);
                 tma_load_2d(sA + s * A_BYTES, &tmA, kt * SM90_BK, (int)m0, full(s));
-                tma_load_2d(sB + s * B_BYTES, &tmB, kt * SM90_BK, (int)n0, full(s));
+                tma_load_2d_multicast(sB + s * B_BYTES + rank * HALF_B * SM90_BK, &tmB, kt * SM90_BK,
+                                      (int)(n0 + rank * HALF_B), full(s), (uint16_t)3);
             }
         } else if (PROMOTE && warp == 1) {
             const float *wcol[BN / 32]; /* this lane's columns' scale rows */
@@ -187,121 +219,128 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                 mbar_arrive(full(s));
             }
         }
-        return;
-    }
-
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    const int cw = wg - 1, wl = warp & 3, t = lane & 3;
-    const int64_t row0 = m0 + cw * 64 + wl * 16 + (lane >> 2); /* and row0 + 8 */
-    const float *xs_row0 = xs + (row0 < M ? row0 : M - 1) * xs_groups;
-    const float *xs_row1 = xs + (row0 + 8 < M ? row0 + 8 : M - 1) * xs_groups;
-    int acc[BN / 2];
-    float accf[PROMOTE ? BN / 2 : 1];
+        __syncwarp();
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        const int cw = wg - 1, wl = warp & 3, t = lane & 3;
+        const int64_t row0 = m0 + cw * 64 + wl * 16 + (lane >> 2); /* and row0 + 8 */
+        const float *xs_row0 = xs + (row0 < M ? row0 : M - 1) * xs_groups;
+        const float *xs_row1 = xs + (row0 + 8 < M ? row0 + 8 : M - 1) * xs_groups;
+        const int tiles_per_group = PROMOTE ? (int)(gk / SM90_BK) : 1;
+        auto release = [&](int s) { /* this warp is done with stage s, in both CTAs */
+            __syncwarp();
+            if (lane < 2)
+                mbar_arrive_cluster(empty(s), (uint32_t)lane);
+        };
+        auto issue = [&](int (&d)[BN / 2], int s, bool accumulate) {
+            wgmma_fence();
+            fence_regs(d);
 #pragma unroll
-    for (int i = 0; i < (PROMOTE ? BN / 2 : 1); i++)
-        accf[i] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < BN / 2; i++)
-        acc[i] = 0;
-
-    for (int kt = 0; kt < ktiles; kt++) {
-        const int s = kt % STAGES;
-        const uint32_t ph = (uint32_t)(kt / STAGES) & 1u;
-        const int in_group = PROMOTE ? kt % tiles_per_group : kt;
-        mbar_wait(full(s), ph);
-        wgmma_fence();
-        fence_regs(acc);
-#pragma unroll
-        for (int kk = 0; kk < SM90_BK / 32; kk++) {
-            const uint64_t da = smem_desc(sA + s * A_BYTES + cw * 64 * SM90_BK + kk * 32);
-            const uint64_t db = smem_desc(sB + s * B_BYTES + kk * 32);
-            wgmma_tile<BN>(acc, da, db, (in_group > 0 || kk > 0) ? 1 : 0);
-        }
-        wgmma_commit();
-        fence_regs(acc);
-        if constexpr (!PROMOTE) {
-            wgmma_wait<1>(); /* the previous tile's MMAs are done: release its stage */
-            fence_regs(acc);
-            if (kt > 0) {
-                __syncwarp();
-                if (lane == 0)
-                    mbar_arrive(empty((kt - 1) % STAGES));
+            for (int kk = 0; kk < SM90_BK / 32; kk++) {
+                const uint64_t da = smem_desc(sA + s * A_BYTES + cw * 64 * SM90_BK + kk * 32);
+                const uint64_t db = smem_desc(sB + s * B_BYTES + kk * 32);
+                wgmma_tile<BN>(d, da, db, (accumulate || kk > 0) ? 1 : 0);
             }
-        } else {
+            wgmma_commit(); /* d is touched again only after a wait covers this group */
+        };
+        int acc[BN / 2];
+        float accf[PROMOTE ? BN / 2 : 1];
+#pragma unroll
+        for (int i = 0; i < (PROMOTE ? BN / 2 : 1); i++)
+            accf[i] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < BN / 2; i++)
+            acc[i] = 0;
+
+        if constexpr (!PROMOTE) {
+            for (int kt = 0; kt < ktiles; kt++) {
+                const int s = kt % STAGES;
+                mbar_wait(full(s), (uint32_t)(kt / STAGES) & 1u);
+                issue(acc, s, kt > 0);
+                wgmma_wait<1>(); /* the previous tile's MMAs are done: release its stage */
+                fence_regs(acc);
+                if (kt > 0)
+                    release((kt - 1) % STAGES);
+            }
             wgmma_wait<0>();
             fence_regs(acc);
-            if (in_group == tiles_per_group - 1 || kt == ktiles - 1) {
-                const int64_t g = kt / tiles_per_group;
-                float xg0 = 1.0f, xg1 = 1.0f;
-                if constexpr (XS_GROUPED) {
-                    xg0 = __ldg(xs_row0 + g);
-                    xg1 = __ldg(xs_row1 + g);
-                }
-                const float *wst = wsm + s * BN;
-#pragma unroll
-                for (int i = 0; i < BN / 8; i++) {
-                    const float2 w2 = *reinterpret_cast<const float2 *>(wst + 8 * i + 2 * t);
+        } else {
+            /* Promotion: at the end of each K-group the group's int32 sums become float32
+             * with its scale. A warpgroup waits for its own MMAs (ptxas serializes reads of
+             * accumulators while any wgmma is in flight, so no double buffering here); the
+             * other warpgroup's MMAs keep the tensor cores busy meanwhile. */
+            for (int kt = 0; kt < ktiles; kt++) {
+                const int s = kt % STAGES;
+                const int in_group = kt % tiles_per_group;
+                mbar_wait(full(s), (uint32_t)(kt / STAGES) & 1u);
+                issue(acc, s, in_group > 0);
+                wgmma_wait<0>();
+                fence_regs(acc);
+                if (in_group == tiles_per_group - 1 || kt == ktiles - 1) {
+                    float xg0 = 1.0f, xg1 = 1.0f;
                     if constexpr (XS_GROUPED) {
-                        accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], xg0 * w2.x, accf[4 * i + 0]);
-                        accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], xg0 * w2.y, accf[4 * i + 1]);
-                        accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], xg1 * w2.x, accf[4 * i + 2]);
-                        accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], xg1 * w2.y, accf[4 * i + 3]);
-                    } else {
-                        accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], w2.x, accf[4 * i + 0]);
-                        accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], w2.y, accf[4 * i + 1]);
-                        accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], w2.x, accf[4 * i + 2]);
-                        accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], w2.y, accf[4 * i + 3]);
+                        const int g = kt / tiles_per_group;
+                        xg0 = __ldg(xs_row0 + g);
+                        xg1 = __ldg(xs_row1 + g);
+                    }
+                    const float *wst = wsm + s * BN;
+#pragma unroll
+                    for (int i = 0; i < BN / 8; i++) {
+                        const float2 w2 = *reinterpret_cast<const float2 *>(wst + 8 * i + 2 * t);
+                        const float s00 = XS_GROUPED ? xg0 * w2.x : w2.x, s01 = XS_GROUPED ? xg0 * w2.y : w2.y;
+                        const float s10 = XS_GROUPED ? xg1 * w2.x : w2.x, s11 = XS_GROUPED ? xg1 * w2.y : w2.y;
+                        accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], s00, accf[4 * i + 0]);
+                        accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], s01, accf[4 * i + 1]);
+                        accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], s10, accf[4 * i + 2]);
+                        accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], s11, accf[4 * i + 3]);
                     }
                 }
+                release(s);
             }
-            __syncwarp();
-            if (lane == 0)
-                mbar_arrive(empty(s));
         }
-    }
-    if constexpr (!PROMOTE) {
-        wgmma_wait<0>();
-        fence_regs(acc);
-    }
 
-    /* epilogue: register 4i + 2h + e holds (row0 + 8h, n0 + 8i + 2t + e) */
-    const bool rv0 = row0 < M, rv1 = row0 + 8 < M;
-    float x_s[2] = {1.0f, 1.0f};
-    if constexpr (!XS_GROUPED) {
-        x_s[0] = __ldg(xs + (rv0 ? row0 : 0) * xs_groups);
-        x_s[1] = __ldg(xs + (rv1 ? row0 + 8 : 0) * xs_groups);
-    }
-#pragma unroll
-    for (int i = 0; i < BN / 8; i++) {
-        const int64_t col = n0 + 8 * i + 2 * t;
-        if (col >= N)
-            continue;
-        float w_s[2] = {1.0f, 1.0f}, b[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            const int64_t c = col + e < N ? col + e : N - 1;
-            if constexpr (!PROMOTE)
-                w_s[e] = __ldg(ws + (gn == 1 ? c : c / gn));
-            if (bias)
-                b[e] = to_f32(bias[c]);
+        /* epilogue: register 4i + 2h + e holds (row0 + 8h, n0 + 8i + 2t + e) */
+        const bool rv0 = row0 < M, rv1 = row0 + 8 < M;
+        float x_s[2] = {1.0f, 1.0f};
+        if constexpr (!XS_GROUPED) {
+            x_s[0] = __ldg(xs + (rv0 ? row0 : 0) * xs_groups);
+            x_s[1] = __ldg(xs + (rv1 ? row0 + 8 : 0) * xs_groups);
         }
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            if (!(h ? rv1 : rv0))
+        for (int i = 0; i < BN / 8; i++) {
+            const int64_t col = n0 + 8 * i + 2 * t;
+            if (col >= N)
                 continue;
-            float v[2];
+            float w_s[2] = {1.0f, 1.0f}, b[2] = {0.0f, 0.0f};
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                if constexpr (PROMOTE)
-                    v[e] = XS_GROUPED ? accf[4 * i + 2 * h + e] : accf[4 * i + 2 * h + e] * x_s[h];
-                else
-                    v[e] = __fmul_rn((float)acc[4 * i + 2 * h + e], __fmul_rn(x_s[h], w_s[e]));
+                const int64_t c = col + e < N ? col + e : N - 1;
+                if constexpr (!PROMOTE)
+                    w_s[e] = __ldg(ws + (gn == 1 ? c : c / gn));
                 if (bias)
-                    v[e] = __fadd_rn(v[e], b[e]);
+                    b[e] = to_f32(bias[c]);
             }
-            store_pair<T>(y, row0 + 8 * h, col, N, v[0], v[1]);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (!(h ? rv1 : rv0))
+                    continue;
+                float v[2];
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    if constexpr (PROMOTE)
+                        v[e] = XS_GROUPED ? accf[4 * i + 2 * h + e] : accf[4 * i + 2 * h + e] * x_s[h];
+                    else
+                        v[e] = __fmul_rn((float)acc[4 * i + 2 * h + e], __fmul_rn(x_s[h], w_s[e]));
+                    if (bias)
+                        v[e] = __fadd_rn(v[e], b[e]);
+                }
+                store_pair<T>(y, row0 + 8 * h, col, N, v[0], v[1]);
+            }
         }
     }
+    /* the peer may still arrive on this CTA's barriers: leave together */
+    __syncwarp();
+    cluster_sync_all();
 #endif
 }
 
@@ -354,12 +393,25 @@ static int run_wgmma(const GemmInt8Args<T> &a, cudaStream_t stream) {
     CUtensorMap ma, mb;
     int st = make_map(&ma, a.xq, a.M, a.K, SM90_BM);
     if (!st)
-        st = make_map(&mb, a.wq, a.N, a.K, BN);
+        st = make_map(&mb, a.wq, a.N, a.K, BN / 2); /* each CTA of a pair loads half of B */
     if (st)
         return st;
-    dim3 grid((unsigned)((a.M + SM90_BM - 1) / SM90_BM), (unsigned)((a.N + BN - 1) / BN));
-    kernel<<<grid, 384, Cfg::SMEM, stream>>>(ma, mb, a.xs, a.ws, a.bias, a.y, a.M, a.N, a.K, a.xs_groups, a.gn,
-                                             a.gk);
+    const unsigned mt = (unsigned)((a.M + SM90_BM - 1) / SM90_BM);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(mt + (mt & 1u), (unsigned)((a.N + BN - 1) / BN), 1); /* whole pairs */
+    cfg.blockDim = dim3(384, 1, 1);
+    cfg.dynamicSmemBytes = Cfg::SMEM;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CQ_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, ma, mb, a.xs, a.ws, a.bias, a.y, a.M, a.N, a.K, a.xs_groups, a.gn,
+                                   a.gk),
+                "gemm_int8 (sm90)");
     return check_launch("gemm_int8 (sm90)");
 }
 

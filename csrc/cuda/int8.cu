@@ -83,6 +83,51 @@ quant_int8_spans(const T *__restrict__ x, int8_t *__restrict__ q, float *__restr
         store_row8<VEC>(q + n * K, k, K, quant8(v, s));
 }
 
+/* quant_int8_rowblock: a block of 256 threads per tile of one row up to 16384 wide
+ * (whole rows of activations and int8_tensorwise weights): one pass, the tile kept in
+ * registers (8 values a thread per 2048), amax over the block. */
+constexpr int ROWBLOCK_MAX = 16384;
+
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(256)
+quant_int8_rowblock(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N,
+                    int64_t K, int64_t gk) {
+    __shared__ uint32_t warp_amax[8];
+    const int64_t kb = (K + gk - 1) / gk;
+    const int64_t n = blockIdx.y, g = blockIdx.x;
+    const int64_t k_lo = g * gk, k_hi = k_lo + gk < K ? k_lo + gk : K;
+    const T *row = x + n * K;
+    float v[ROWBLOCK_MAX / 2048][8];
+    uint32_t amax = 0;
+#pragma unroll
+    for (int p = 0; p < ROWBLOCK_MAX / 2048; p++) {
+        const int64_t k = k_lo + p * 2048 + threadIdx.x * 8;
+        if (k < k_hi) {
+            load_row8<T, VEC>(row, k, k_hi, v[p]);
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                amax = max(amax, abs_bits(v[p][j]));
+        }
+    }
+    amax = warp_max_u32(amax, 32);
+    if ((threadIdx.x & 31) == 0)
+        warp_amax[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        amax = max(amax, warp_amax[i]);
+    const float s = __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+    if (threadIdx.x == 0)
+        scale[n * kb + g] = s;
+#pragma unroll
+    for (int p = 0; p < ROWBLOCK_MAX / 2048; p++) {
+        const int64_t k = k_lo + p * 2048 + threadIdx.x * 8;
+        if (k < k_hi)
+            store_row8<VEC>(q + n * K, k, k_hi, quant8(v[p], s));
+    }
+}
+
 /* quant_int8_wide: a warp per tile of one row, any width gk (whole rows included);
  * amax in a first pass, quantize in a second (the tile is then in L1/L2). */
 template <typename T, bool VEC>
@@ -182,6 +227,12 @@ static int quantize_int8_t(const T *x, int8_t *q, float *scale, int64_t N, int64
             quant_int8_spans<T, true><<<grid, 256, 0, stream>>>(x, q, scale, N, K, log2i(gk));
         else
             quant_int8_spans<T, false><<<grid, 256, 0, stream>>>(x, q, scale, N, K, log2i(gk));
+    } else if (gn == 1 && (gk < K ? gk : K) <= ROWBLOCK_MAX && N <= 65535) {
+        dim3 grid((unsigned)((K + gk - 1) / gk), (unsigned)N);
+        if (vec)
+            quant_int8_rowblock<T, true><<<grid, 256, 0, stream>>>(x, q, scale, N, K, gk);
+        else
+            quant_int8_rowblock<T, false><<<grid, 256, 0, stream>>>(x, q, scale, N, K, gk);
     } else if (gn == 1) {
         const int64_t warps = N * ((K + gk - 1) / gk);
         const unsigned grid = grid_for(warps * 32, 256);

@@ -30,14 +30,22 @@ linear4_skinny(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     constexpr int XW = BYTES;        /* 32-bit words of x per lane, row and chunk */
     __shared__ uint32_t lut[256 * 32];
     __shared__ float part[16 * R];
+    __shared__ float table[16];
+    /* (constant memory serializes lane-divergent reads: stage the 16 values first) */
+    if (threadIdx.x < 16)
+        table[threadIdx.x] = c_table4[codebook][threadIdx.x];
+    __syncthreads();
     for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x) {
-        int b = i >> 5;
-        lut[i] = pack2<T>(c_table4[codebook][b >> 4], c_table4[codebook][b & 15]);
+        int b = i >> 5; /* one entry per warp-iteration: broadcast reads */
+        lut[i] = pack2<T>(table[b >> 4], table[b & 15]);
     }
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int r = lane >> 2, t = lane & 3;
-    const int64_t n_warp = (int64_t)blockIdx.y * R + warp * NT * 8;
+    const int64_t row_tiles = (N + R - 1) / R;
+    /* the table costs a block ~an eighth of its work: each block takes several row tiles */
+    for (int64_t tile = blockIdx.y; tile < row_tiles; tile += gridDim.y) {
+    const int64_t n_warp = tile * R + warp * NT * 8;
     const int64_t m0 = (int64_t)blockIdx.z * 16;
     const int mv = M - m0 < 16 ? (int)(M - m0) : 16;
     const int64_t kslice = K / S, k_begin = blockIdx.x * kslice, k_end = k_begin + kslice;
@@ -141,7 +149,7 @@ linear4_skinny(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                     y[(m0 + m) * N + n] = from_f32<T>(v);
                 }
             }
-        return;
+        continue;
     }
     const int nl = warp * NT * 8;
 #pragma unroll
@@ -149,7 +157,8 @@ linear4_skinny(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
 #pragma unroll
         for (int e = 0; e < 4; e++)
             part[(r + (e >> 1) * 8) * R + nl + j * 8 + 2 * t + (e & 1)] = acc[j][e];
-    cluster_reduce_store<T>(part, R, S, bias, y, m0, mv, (int64_t)blockIdx.y * R, N);
+    cluster_reduce_store<T>(part, R, S, bias, y, m0, mv, tile * R, N);
+    } /* row tiles */
 }
 
 /* linear4_generic: warp per (column n, 8 tokens); exact float32 weights. */
@@ -158,6 +167,10 @@ __global__ void __launch_bounds__(256)
 linear4_generic(const T *__restrict__ x, const uint8_t *__restrict__ packed, const float *__restrict__ absmax,
                 const T *__restrict__ bias, T *__restrict__ y, int64_t M, int64_t N, int64_t K, int log2_group,
                 int codebook) {
+    __shared__ float table[16];
+    if (threadIdx.x < 16)
+        table[threadIdx.x] = c_table4[codebook][threadIdx.x];
+    __syncthreads();
     const int lane = threadIdx.x & 31;
     const int64_t n = blockIdx.x * 8 + (threadIdx.x >> 5);
     const int64_t m0 = blockIdx.y * 8;
@@ -168,7 +181,7 @@ linear4_generic(const T *__restrict__ x, const uint8_t *__restrict__ packed, con
         int64_t i = n * K + k;
         uint8_t byte = packed[i >> 1];
         uint8_t code = (i & 1) ? (byte & 15) : (byte >> 4);
-        float w = c_table4[codebook][code] * absmax[i >> log2_group];
+        float w = table[code] * absmax[i >> log2_group];
 #pragma unroll
         for (int m = 0; m < 8; m++)
             if (m0 + m < M)
@@ -191,8 +204,12 @@ template <typename T, int NT, int BYTES>
 static int run_skinny(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax, const T *bias,
                       T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook, cudaStream_t stream) {
     constexpr int R = 4 * NT * 8, CK = BYTES * 8;
-    const unsigned gy = (unsigned)((N + R - 1) / R), gz = (unsigned)((M + 15) / 16);
-    const int S = choose_split(dev, (int64_t)gy * gz, K / CK);
+    const int64_t row_tiles = (N + R - 1) / R;
+    const unsigned gz = (unsigned)((M + 15) / 16);
+    const int S = choose_split(dev, row_tiles * gz, K / CK);
+    /* about four blocks per SM in all; a block loops when there are more row tiles */
+    int64_t want = (4 * (int64_t)dev.sms + (int64_t)S * gz - 1) / ((int64_t)S * gz);
+    const unsigned gy = (unsigned)(row_tiles < want ? row_tiles : (want > 0 ? want : 1));
     if (M <= 8)
         return launch_clustered(linear4_skinny<T, NT, BYTES, 1>, S, gy, gz, 128, stream, "linear_4bit", x, packed,
                                 absmax, bias, y, (int)(M < 16 ? M : 16), N, K, lg, codebook, S);

@@ -2,7 +2,7 @@
  * absmax, on the GPU (layout and rounding: formats.h). Bit-identical to the CPU
  * *_ref kernels: one float32 rounding per operation (__fmul_rn, __fdiv_rn, no
  * contraction), NaN-propagating integer max for absmax, round-to-nearest-even
- * conversions. Both are bandwidth-bound: 16-byte loads and stores per thread. */
+ * conversions. Both are bandwidth-bound: wide, coalesced loads and stores. */
 #include "launchers.cuh"
 
 namespace cq {
@@ -11,52 +11,52 @@ __constant__ float c_table[2][16] = {CQ_NF4_TABLE_INIT, CQ_FP4_TABLE_INIT};
 __constant__ float c_nf4_mid[15] = CQ_NF4_MID_INIT;
 __constant__ float c_fp4_mid[7] = CQ_FP4_MID_INIT;
 
-/* Packs 16-bit values of each pair (lo = first). */
-template <typename T> struct Store32;
-template <> struct Store32<float> {
-    static __device__ __forceinline__ void run(float *y, const float v[32]) {
-        float4 *o = reinterpret_cast<float4 *>(y);
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            o[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
-    }
-};
-template <typename T> struct Store32 {
-    static __device__ __forceinline__ void run(T *y, const float v[32]) {
-        uint4 *o = reinterpret_cast<uint4 *>(y);
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            o[i] = make_uint4(pack2<T>(v[8 * i], v[8 * i + 1]), pack2<T>(v[8 * i + 2], v[8 * i + 3]),
-                              pack2<T>(v[8 * i + 4], v[8 * i + 5]), pack2<T>(v[8 * i + 6], v[8 * i + 7]));
-    }
-};
-
 /* ---------------------------------------------------------------- dequantize */
-/* dequant4_vec: 32 values (16 packed bytes) a thread, chunks wholly inside [0, n);
- * a 32-aligned chunk lies in one group (group >= 32, a power of two). The 16-entry
- * table sits in 16 distinct shared-memory banks, so lookups never conflict. */
+/* dequant4_vec: 8 values (4 packed bytes) per chunk; a warp loads 128 contiguous bytes
+ * and stores 512 (bf16/f16) contiguous ones, so every sector is written whole. Each
+ * thread takes UNROLL chunks a blockDim apart (more loads in flight). A chunk is
+ * 8-aligned, so it lies in one group (group >= 32, a power of two). The 16-entry
+ * table sits in 16 distinct shared-memory banks: lookups never conflict. */
+constexpr int DQ4_UNROLL = 4;
+
 template <typename OutT>
 __global__ void __launch_bounds__(256)
-dequant4_vec(const uint4 *__restrict__ packed, const float *__restrict__ absmax, OutT *__restrict__ y,
+dequant4_vec(const uint32_t *__restrict__ packed, const float *__restrict__ absmax, OutT *__restrict__ y,
              int64_t chunks, int log2_group, int codebook) {
     __shared__ float table[16];
     if (threadIdx.x < 16)
         table[threadIdx.x] = c_table[codebook][threadIdx.x];
     __syncthreads();
-    int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    if (c >= chunks)
-        return;
-    uint4 w = __ldg(packed + c);
-    float a = __ldg(absmax + ((c * 32) >> log2_group));
-    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-    float v[32];
+    const int64_t c0 = blockIdx.x * (int64_t)blockDim.x * DQ4_UNROLL + threadIdx.x;
+    uint32_t w[DQ4_UNROLL];
+    float a[DQ4_UNROLL];
 #pragma unroll
-    for (int j = 0; j < 16; j++) {
-        uint32_t byte = (words[j >> 2] >> (8 * (j & 3))) & 0xffu;
-        v[2 * j] = __fmul_rn(table[byte >> 4], a);
-        v[2 * j + 1] = __fmul_rn(table[byte & 15u], a);
+    for (int u = 0; u < DQ4_UNROLL; u++) {
+        const int64_t c = c0 + u * (int64_t)blockDim.x;
+        w[u] = c < chunks ? __ldg(packed + c) : 0u;
+        a[u] = c < chunks ? __ldg(absmax + ((c * 8) >> log2_group)) : 0.0f;
     }
-    Store32<OutT>::run(y + c * 32, v);
+#pragma unroll
+    for (int u = 0; u < DQ4_UNROLL; u++) {
+        const int64_t c = c0 + u * (int64_t)blockDim.x;
+        if (c >= chunks)
+            break;
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uint32_t byte = (w[u] >> (8 * j)) & 0xffu;
+            v[2 * j] = __fmul_rn(table[byte >> 4], a[u]);
+            v[2 * j + 1] = __fmul_rn(table[byte & 15u], a[u]);
+        }
+        if constexpr (sizeof(OutT) == 4) {
+            float4 *o = reinterpret_cast<float4 *>(y + c * 8);
+            o[0] = make_float4(v[0], v[1], v[2], v[3]);
+            o[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+            *reinterpret_cast<uint4 *>(y + c * 8) = make_uint4(pack2<OutT>(v[0], v[1]), pack2<OutT>(v[2], v[3]),
+                                                               pack2<OutT>(v[4], v[5]), pack2<OutT>(v[6], v[7]));
+        }
+    }
 }
 
 /* dequant4_scalar: one value a thread, elements [i0, n): tails and unaligned tensors. */
@@ -82,16 +82,16 @@ template <typename OutT>
 static int dequantize_4bit_t(const uint8_t *packed, const float *absmax, OutT *y, int64_t n,
                              int log2_group, int codebook, cudaStream_t stream) {
     int64_t done = 0;
-    if (aligned16(packed) && aligned16(y)) {
-        int64_t chunks = n / 32;
+    if ((reinterpret_cast<uintptr_t>(packed) & 3u) == 0 && aligned16(y)) {
+        int64_t chunks = n / 8;
         if (chunks > 0) {
-            dequant4_vec<OutT><<<grid_for(chunks, 256), 256, 0, stream>>>(
-                reinterpret_cast<const uint4 *>(packed), absmax, y, chunks, log2_group, codebook);
+            dequant4_vec<OutT><<<grid_for(chunks, 256 * DQ4_UNROLL), 256, 0, stream>>>(
+                reinterpret_cast<const uint32_t *>(packed), absmax, y, chunks, log2_group, codebook);
             int st = check_launch("dequantize_4bit");
             if (st)
                 return st;
         }
-        done = chunks * 32;
+        done = chunks * 8;
     }
     if (done < n) {
         dequant4_scalar<OutT><<<grid_for(n - done, 256), 256, 0, stream>>>(packed, absmax, y, done, n,
