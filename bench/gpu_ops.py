@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -263,7 +264,10 @@ def bench_variants(rows: list[dict]) -> None:
         for lay, g in (("int8_row", None), ("int8_lode", 128), ("int8_block", 128)):
             q, s = ops.quantize_int8(w, lay, g)
             xq, xs = ops.quantize_int8_act(x, 128 if lay == "int8_block" else K)
-            for name, path in (("mma80", 3), ("sm90", 4)):
+            paths = (("mma80", 3), ("sm90", 4))
+            if "gemm_int8=" in os.environ.get("COMFY_QUANT_CUDA_VARIANTS", ""):
+                paths = paths[:1]  # the wgmma kernel was switched off for this run
+            for name, path in paths:
                 prev = ops.cuda_kernel_variant("gemm_int8", path)
                 from comfy_quant_native import layouts as L
 
