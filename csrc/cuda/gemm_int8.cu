@@ -111,59 +111,54 @@ gemm_int8_skinny(const int8_t *__restrict__ xq, const float *__restrict__ xs, co
     /* K-groups inside this block's slice (the split never cuts a group) */
     const int64_t chunks_per_group = gk < K ? gk / CK : INT64_MAX;
     int64_t chunks_in_group = 0, group = gk < K ? k_begin / gk : 0;
-    uint32_t xw0[WORDS], xw1[WORDS], ww[NT][WORDS];
-    auto load = [&](int64_t k) {
-        if (row0)
-            load_words<BYTES>(xp0 + k, xw0);
-        else
+    /* U chunks of weights requested before any is used (memory latency, see linear4.cu) */
+    constexpr int U = 4;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += U * CK) {
+        uint32_t ww[U][NT][WORDS];
 #pragma unroll
-            for (int i = 0; i < WORDS; i++)
-                xw0[i] = 0;
-        if (MH > 1) {
-            if (row1)
-                load_words<BYTES>(xp1 + k, xw1);
+        for (int u = 0; u < U; u++)
+            if (k0 + u * CK < k_end)
+#pragma unroll
+                for (int j = 0; j < NT; j++)
+                    load_words<BYTES>(wp[j] + k0 + u * CK, ww[u][j]);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t k = k0 + u * CK;
+            if (k >= k_end)
+                break;
+            uint32_t cx0[WORDS], cx1[WORDS];
+            if (row0)
+                load_words<BYTES>(xp0 + k, cx0);
             else
 #pragma unroll
                 for (int i = 0; i < WORDS; i++)
-                    xw1[i] = 0;
-        }
+                    cx0[i] = 0;
 #pragma unroll
-        for (int j = 0; j < NT; j++)
-            load_words<BYTES>(wp[j] + k, ww[j]);
-    };
-    load(k_begin);
-    for (int64_t k = k_begin; k < k_end; k += CK) {
-        uint32_t cx0[WORDS], cx1[WORDS], cw[NT][WORDS];
-#pragma unroll
-        for (int i = 0; i < WORDS; i++) {
-            cx0[i] = xw0[i];
-            cx1[i] = MH > 1 ? xw1[i] : 0u;
+            for (int i = 0; i < WORDS; i++)
+                cx1[i] = 0;
+            if (MH > 1 && row1)
+                load_words<BYTES>(xp1 + k, cx1);
 #pragma unroll
             for (int j = 0; j < NT; j++)
-                cw[j][i] = ww[j][i];
-        }
-        if (k + CK < k_end)
-            load(k + CK);
 #pragma unroll
-        for (int j = 0; j < NT; j++)
+                for (int s = 0; s < STEPS; s++) {
+                    uint32_t a[4] = {cx0[2 * s], cx1[2 * s], cx0[2 * s + 1], cx1[2 * s + 1]};
+                    mma_16832_s8(tmp[j], a, ww[u][j][2 * s], ww[u][j][2 * s + 1]);
+                }
+            if (++chunks_in_group == chunks_per_group || k + CK == k_end) { /* the K-group (or this block's part) ends */
+                const int64_t g = group++;
+                chunks_in_group = 0;
+                const float x0 = __ldg(xs0 + (xs_groups > 1 ? g : 0));
+                const float x1 = MH > 1 ? __ldg(xs1 + (xs_groups > 1 ? g : 0)) : 0.0f;
 #pragma unroll
-            for (int s = 0; s < STEPS; s++) {
-                uint32_t a[4] = {cx0[2 * s], cx1[2 * s], cx0[2 * s + 1], cx1[2 * s + 1]};
-                mma_16832_s8(tmp[j], a, cw[j][2 * s], cw[j][2 * s + 1]);
-            }
-        if (++chunks_in_group == chunks_per_group || k + CK == k_end) { /* the K-group (or this block's part) ends */
-            const int64_t g = group++;
-            chunks_in_group = 0;
-            const float x0 = __ldg(xs0 + (xs_groups > 1 ? g : 0));
-            const float x1 = MH > 1 ? __ldg(xs1 + (xs_groups > 1 ? g : 0)) : 0.0f;
-#pragma unroll
-            for (int j = 0; j < NT; j++) {
-                const float w0 = __ldg(wsc[j][0] + g), w1 = __ldg(wsc[j][1] + g);
-                acc[j][0] = fmaf((float)tmp[j][0], x0 * w0, acc[j][0]);
-                acc[j][1] = fmaf((float)tmp[j][1], x0 * w1, acc[j][1]);
-                acc[j][2] = fmaf((float)tmp[j][2], x1 * w0, acc[j][2]);
-                acc[j][3] = fmaf((float)tmp[j][3], x1 * w1, acc[j][3]);
-                tmp[j][0] = tmp[j][1] = tmp[j][2] = tmp[j][3] = 0;
+                for (int j = 0; j < NT; j++) {
+                    const float w0 = __ldg(wsc[j][0] + g), w1 = __ldg(wsc[j][1] + g);
+                    acc[j][0] = fmaf((float)tmp[j][0], x0 * w0, acc[j][0]);
+                    acc[j][1] = fmaf((float)tmp[j][1], x0 * w1, acc[j][1]);
+                    acc[j][2] = fmaf((float)tmp[j][2], x1 * w0, acc[j][2]);
+                    acc[j][3] = fmaf((float)tmp[j][3], x1 * w1, acc[j][3]);
+                    tmp[j][0] = tmp[j][1] = tmp[j][2] = tmp[j][3] = 0;
+                }
             }
         }
     }
@@ -414,7 +409,7 @@ static int run_mma80(const GemmInt8Args<T> &a, cudaStream_t stream) {
 }
 
 /* ---------------------------------------------------------------- dispatch */
-enum { PATH_AUTO = 0, PATH_GENERIC = 1, PATH_SKINNY = 2, PATH_MMA80 = 3, PATH_SM90 = 4 };
+enum { PATH_AUTO = 0, PATH_GENERIC = 1, PATH_SKINNY = 2, PATH_MMA80 = 3, PATH_SM90 = 4, PATH_SM90_MCAST = 5 };
 
 template <typename T>
 static int gemm_int8_t(const GemmInt8Args<T> &a, cudaStream_t stream) {
@@ -443,7 +438,7 @@ static int gemm_int8_t(const GemmInt8Args<T> &a, cudaStream_t stream) {
         else
             path = PATH_GENERIC;
     }
-    if (path == PATH_SM90 && sm90_ok)
+    if ((path == PATH_SM90 || path == PATH_SM90_MCAST) && sm90_ok)
         return gemm_int8_sm90<T>(dev, a, stream);
     if (path == PATH_MMA80 && mma80_ok)
         return run_mma80<T>(a, stream);

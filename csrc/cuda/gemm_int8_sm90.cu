@@ -148,11 +148,11 @@ __device__ __forceinline__ void cluster_sync_all() {
 #endif
 }
 
-/* Two CTAs of a cluster take neighbouring 128-row tiles of xq and the same BN columns
- * of wq: each loads its own A and one half of B, multicast to both, which halves the
- * L2 -> SM traffic of B (the kernel is bound by that traffic without it). A stage is
- * refilled only after the consumers of both CTAs released it (empty count 16). */
-template <typename T, int BN, bool PROMOTE, bool XS_GROUPED>
+/* MCAST: two CTAs of a cluster take neighbouring 128-row tiles of xq and the same BN
+ * columns of wq; each loads its own A and one half of B, multicast to both, which halves
+ * the L2 -> SM traffic of B. A stage is then refilled only after the consumers of both
+ * CTAs released it (empty count 16). */
+template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST>
 __global__ void __launch_bounds__(384, 1)
 gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmB,
                 const float *__restrict__ xs, const float *__restrict__ ws, const T *__restrict__ bias,
@@ -171,7 +171,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
     auto empty = [&](int s) { return bars + 8u * (STAGES + s); };
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = tid >> 5, lane = tid & 31;
-    const uint32_t rank = blockIdx.x & 1u; /* cluster (2, 1, 1) */
+    const uint32_t rank = MCAST ? blockIdx.x & 1u : 0u; /* cluster (2, 1, 1) */
     const int64_t m0 = (int64_t)blockIdx.x * SM90_BM, n0 = (int64_t)blockIdx.y * BN;
     const int ktiles = (int)((K + SM90_BK - 1) / SM90_BK);
     const int64_t kb = (K + gk - 1) / gk;
@@ -179,11 +179,14 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
     if (tid == 0) {
         for (int s = 0; s < STAGES; s++) {
             mbar_init(full(s), 1 + (PROMOTE ? 32 : 0));
-            mbar_init(empty(s), 16);
+            mbar_init(empty(s), MCAST ? 16 : 8);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    cluster_sync_all();
+    if (MCAST)
+        cluster_sync_all();
+    else
+        __syncthreads();
 
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -194,8 +197,11 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                 mbar_wait(empty(s), ph ^ 1u);
                 mbar_expect_tx(full(s), A_BYTES + B_BYTES);
                 tma_load_2d(sA + s * A_BYTES, &tmA, kt * SM90_BK, (int)m0, full(s));
-                tma_load_2d_multicast(sB + s * B_BYTES + rank * HALF_B * SM90_BK, &tmB, kt * SM90_BK,
-                                      (int)(n0 + rank * HALF_B), full(s), (uint16_t)3);
+                if (MCAST)
+                    tma_load_2d_multicast(sB + s * B_BYTES + rank * HALF_B * SM90_BK, &tmB, kt * SM90_BK,
+                                          (int)(n0 + rank * HALF_B), full(s), (uint16_t)3);
+                else
+                    tma_load_2d(sB + s * B_BYTES, &tmB, kt * SM90_BK, (int)n0, full(s));
             }
         } else if (PROMOTE && warp == 1) {
             const float *wcol[BN / 32]; /* this lane's columns' scale rows */
@@ -229,8 +235,10 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         const int tiles_per_group = PROMOTE ? (int)(gk / SM90_BK) : 1;
         auto release = [&](int s) { /* this warp is done with stage s, in both CTAs */
             __syncwarp();
-            if (lane < 2)
+            if (MCAST && lane < 2)
                 mbar_arrive_cluster(empty(s), (uint32_t)lane);
+            else if (!MCAST && lane == 0)
+                mbar_arrive(empty(s));
         };
         auto issue = [&](int (&d)[BN / 2], int s, bool accumulate) {
             wgmma_fence();
@@ -339,8 +347,10 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         }
     }
     /* the peer may still arrive on this CTA's barriers: leave together */
-    __syncwarp();
-    cluster_sync_all();
+    if (MCAST) {
+        __syncwarp();
+        cluster_sync_all();
+    }
 #endif
 }
 
@@ -380,10 +390,10 @@ static int make_map(CUtensorMap *map, const int8_t *p, int64_t rows, int64_t K, 
     return CQ_OK;
 }
 
-template <typename T, int BN, bool PROMOTE, bool XS_GROUPED>
+template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST>
 static int run_wgmma(const GemmInt8Args<T> &a, cudaStream_t stream) {
     using Cfg = Sm90Cfg<BN, PROMOTE>;
-    auto kernel = gemm_int8_wgmma<T, BN, PROMOTE, XS_GROUPED>;
+    auto kernel = gemm_int8_wgmma<T, BN, PROMOTE, XS_GROUPED, MCAST>;
     static int attr_set;
     if (!attr_set) {
         CQ_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM),
@@ -393,12 +403,12 @@ static int run_wgmma(const GemmInt8Args<T> &a, cudaStream_t stream) {
     CUtensorMap ma, mb;
     int st = make_map(&ma, a.xq, a.M, a.K, SM90_BM);
     if (!st)
-        st = make_map(&mb, a.wq, a.N, a.K, BN / 2); /* each CTA of a pair loads half of B */
+        st = make_map(&mb, a.wq, a.N, a.K, MCAST ? BN / 2 : BN); /* with multicast each CTA of a pair loads half of B */
     if (st)
         return st;
     const unsigned mt = (unsigned)((a.M + SM90_BM - 1) / SM90_BM);
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(mt + (mt & 1u), (unsigned)((a.N + BN - 1) / BN), 1); /* whole pairs */
+    cfg.gridDim = dim3(MCAST ? mt + (mt & 1u) : mt, (unsigned)((a.N + BN - 1) / BN), 1); /* whole pairs */
     cfg.blockDim = dim3(384, 1, 1);
     cfg.dynamicSmemBytes = Cfg::SMEM;
     cfg.stream = stream;
@@ -408,7 +418,7 @@ static int run_wgmma(const GemmInt8Args<T> &a, cudaStream_t stream) {
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cfg.numAttrs = MCAST ? 1 : 0;
     CQ_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, ma, mb, a.xs, a.ws, a.bias, a.y, a.M, a.N, a.K, a.xs_groups, a.gn,
                                    a.gk),
                 "gemm_int8 (sm90)");
@@ -427,11 +437,20 @@ int gemm_int8_sm90(const DeviceInfo &dev, const GemmInt8Args<T> &a, cudaStream_t
     if constexpr (sizeof(T) != 2) {
         return CQ_EUNSUPPORTED;
     } else {
+        /* multicast of B over CTA pairs (knob 5): fewer L2 reads, but it measured slower
+         * on H100/H200 (docs/CUDA_NOTES.md), so one CTA per tile is the default */
+        if (knob(KNOB_GEMM_INT8) == 5) {
+            if (a.gk >= a.K)
+                return run_wgmma<T, 256, false, false, true>(a, stream);
+            if (a.xs_groups > 1)
+                return run_wgmma<T, 128, true, true, true>(a, stream);
+            return run_wgmma<T, 128, true, false, true>(a, stream);
+        }
         if (a.gk >= a.K)
-            return run_wgmma<T, 256, false, false>(a, stream);
+            return run_wgmma<T, 256, false, false, false>(a, stream);
         if (a.xs_groups > 1)
-            return run_wgmma<T, 128, true, true>(a, stream);
-        return run_wgmma<T, 128, true, false>(a, stream);
+            return run_wgmma<T, 128, true, true, false>(a, stream);
+        return run_wgmma<T, 128, true, false, false>(a, stream);
     }
 }
 

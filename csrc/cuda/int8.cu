@@ -88,7 +88,7 @@ quant_int8_spans(const T *__restrict__ x, int8_t *__restrict__ q, float *__restr
  * registers (8 values a thread per 2048), amax over the block. */
 constexpr int ROWBLOCK_MAX = 16384;
 
-template <typename T, bool VEC>
+template <typename T, bool VEC, int P>
 __global__ void __launch_bounds__(256)
 quant_int8_rowblock(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N,
                     int64_t K, int64_t gk) {
@@ -97,10 +97,10 @@ quant_int8_rowblock(const T *__restrict__ x, int8_t *__restrict__ q, float *__re
     const int64_t n = blockIdx.y, g = blockIdx.x;
     const int64_t k_lo = g * gk, k_hi = k_lo + gk < K ? k_lo + gk : K;
     const T *row = x + n * K;
-    float v[ROWBLOCK_MAX / 2048][8];
+    float v[P][8]; /* P * 2048 >= the tile width; few registers keep many blocks resident */
     uint32_t amax = 0;
 #pragma unroll
-    for (int p = 0; p < ROWBLOCK_MAX / 2048; p++) {
+    for (int p = 0; p < P; p++) {
         const int64_t k = k_lo + p * 2048 + threadIdx.x * 8;
         if (k < k_hi) {
             load_row8<T, VEC>(row, k, k_hi, v[p]);
@@ -121,7 +121,7 @@ quant_int8_rowblock(const T *__restrict__ x, int8_t *__restrict__ q, float *__re
     if (threadIdx.x == 0)
         scale[n * kb + g] = s;
 #pragma unroll
-    for (int p = 0; p < ROWBLOCK_MAX / 2048; p++) {
+    for (int p = 0; p < P; p++) {
         const int64_t k = k_lo + p * 2048 + threadIdx.x * 8;
         if (k < k_hi)
             store_row8<VEC>(q + n * K, k, k_hi, quant8(v[p], s));
@@ -229,10 +229,16 @@ static int quantize_int8_t(const T *x, int8_t *q, float *scale, int64_t N, int64
             quant_int8_spans<T, false><<<grid, 256, 0, stream>>>(x, q, scale, N, K, log2i(gk));
     } else if (gn == 1 && (gk < K ? gk : K) <= ROWBLOCK_MAX && N <= 65535) {
         dim3 grid((unsigned)((K + gk - 1) / gk), (unsigned)N);
-        if (vec)
-            quant_int8_rowblock<T, true><<<grid, 256, 0, stream>>>(x, q, scale, N, K, gk);
+        const int64_t width = gk < K ? gk : K;
+        auto run = [&](auto kernel) { kernel<<<grid, 256, 0, stream>>>(x, q, scale, N, K, gk); };
+        if (width <= 2048)
+            vec ? run(quant_int8_rowblock<T, true, 1>) : run(quant_int8_rowblock<T, false, 1>);
+        else if (width <= 4096)
+            vec ? run(quant_int8_rowblock<T, true, 2>) : run(quant_int8_rowblock<T, false, 2>);
+        else if (width <= 8192)
+            vec ? run(quant_int8_rowblock<T, true, 4>) : run(quant_int8_rowblock<T, false, 4>);
         else
-            quant_int8_rowblock<T, false><<<grid, 256, 0, stream>>>(x, q, scale, N, K, gk);
+            vec ? run(quant_int8_rowblock<T, true, 8>) : run(quant_int8_rowblock<T, false, 8>);
     } else if (gn == 1) {
         const int64_t warps = N * ((K + gk - 1) / gk);
         const unsigned grid = grid_for(warps * 32, 256);

@@ -73,65 +73,60 @@ linear4_skinny(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     for (int j = 0; j < NT; j++)
         acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-    uint32_t xw0[XW], xw1[XW], ww[NT][BYTES / 4];
-    float am[NT][2];
-    auto load = [&](int64_t k) {
+    /* U chunks of weights and absmax are requested before any is used: a warp keeps
+     * U * NT * BYTES bytes a lane in flight (one chunk alone left the kernel waiting on
+     * memory latency, run 1/2). Tokens come from L1 (all warps of the block read them). */
+    constexpr int U = BYTES == 16 ? 4 : 8;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += U * CK) {
+        uint32_t ww[U][NT][BYTES / 4];
+        float am[U][NT][2];
 #pragma unroll
-        for (int i = 0; i < XW; i += 4) {
-            uint4 u0 = row0 ? __ldg(reinterpret_cast<const uint4 *>(xp0 + k) + i / 4) : make_uint4(0, 0, 0, 0);
-            xw0[i] = u0.x; xw0[i + 1] = u0.y; xw0[i + 2] = u0.z; xw0[i + 3] = u0.w;
-            if (MH > 1) {
-                uint4 u1 = row1 ? __ldg(reinterpret_cast<const uint4 *>(xp1 + k) + i / 4) : make_uint4(0, 0, 0, 0);
-                xw1[i] = u1.x; xw1[i + 1] = u1.y; xw1[i + 2] = u1.z; xw1[i + 3] = u1.w;
+        for (int u = 0; u < U; u++) {
+            const int64_t k = k0 + u * CK;
+            if (k < k_end) {
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    load_words<BYTES>(wp[j] + (k >> 1), ww[u][j]);
+                    am[u][j][0] = __ldg(absmax + ((acol[j][0] + k) >> log2_group));
+                    am[u][j][1] = __ldg(absmax + ((acol[j][1] + k) >> log2_group));
+                }
             }
         }
 #pragma unroll
-        for (int j = 0; j < NT; j++) {
-            load_words<BYTES>(wp[j] + (k >> 1), ww[j]);
-            am[j][0] = __ldg(absmax + ((acol[j][0] + k) >> log2_group));
-            am[j][1] = __ldg(absmax + ((acol[j][1] + k) >> log2_group));
-        }
-    };
-
-    load(k_begin);
-    for (int64_t k = k_begin; k < k_end; k += CK) {
-        uint32_t cx0[XW], cx1[XW], cw[NT][BYTES / 4];
-        float cam[NT][2];
+        for (int u = 0; u < U; u++) {
+            const int64_t k = k0 + u * CK;
+            if (k >= k_end)
+                break;
+            uint32_t cx0[XW], cx1[XW];
 #pragma unroll
-        for (int i = 0; i < XW; i++) {
-            cx0[i] = xw0[i];
-            if (MH > 1)
-                cx1[i] = xw1[i];
-        }
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-#pragma unroll
-            for (int i = 0; i < BYTES / 4; i++)
-                cw[j][i] = ww[j][i];
-            cam[j][0] = am[j][0];
-            cam[j][1] = am[j][1];
-        }
-        if (k + CK < k_end)
-            load(k + CK);
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-            float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int s = 0; s < STEPS; s++) {
-                uint32_t a[4];
-                a[0] = cx0[2 * s];
-                a[2] = cx0[2 * s + 1];
-                a[1] = MH > 1 ? cx1[2 * s] : 0u;
-                a[3] = MH > 1 ? cx1[2 * s + 1] : 0u;
-                uint32_t w = cw[j][s >> 1];
-                uint32_t b0 = my_lut[((w >> (16 * (s & 1))) & 0xffu) << 5];
-                uint32_t b1 = my_lut[((w >> (16 * (s & 1) + 8)) & 0xffu) << 5];
-                mma_16816<T>(tmp, a, b0, b1);
+            for (int i = 0; i < XW; i += 4) {
+                uint4 u0 = row0 ? __ldg(reinterpret_cast<const uint4 *>(xp0 + k) + i / 4) : make_uint4(0, 0, 0, 0);
+                cx0[i] = u0.x; cx0[i + 1] = u0.y; cx0[i + 2] = u0.z; cx0[i + 3] = u0.w;
+                if (MH > 1) {
+                    uint4 u1 = row1 ? __ldg(reinterpret_cast<const uint4 *>(xp1 + k) + i / 4) : make_uint4(0, 0, 0, 0);
+                    cx1[i] = u1.x; cx1[i + 1] = u1.y; cx1[i + 2] = u1.z; cx1[i + 3] = u1.w;
+                }
             }
-            acc[j][0] = fmaf(tmp[0], cam[j][0], acc[j][0]);
-            acc[j][1] = fmaf(tmp[1], cam[j][1], acc[j][1]);
-            acc[j][2] = fmaf(tmp[2], cam[j][0], acc[j][2]);
-            acc[j][3] = fmaf(tmp[3], cam[j][1], acc[j][3]);
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int s = 0; s < STEPS; s++) {
+                    uint32_t a[4];
+                    a[0] = cx0[2 * s];
+                    a[2] = cx0[2 * s + 1];
+                    a[1] = MH > 1 ? cx1[2 * s] : 0u;
+                    a[3] = MH > 1 ? cx1[2 * s + 1] : 0u;
+                    uint32_t w = ww[u][j][s >> 1];
+                    uint32_t b0 = my_lut[((w >> (16 * (s & 1))) & 0xffu) << 5];
+                    uint32_t b1 = my_lut[((w >> (16 * (s & 1) + 8)) & 0xffu) << 5];
+                    mma_16816<T>(tmp, a, b0, b1);
+                }
+                acc[j][0] = fmaf(tmp[0], am[u][j][0], acc[j][0]);
+                acc[j][1] = fmaf(tmp[1], am[u][j][1], acc[j][1]);
+                acc[j][2] = fmaf(tmp[2], am[u][j][0], acc[j][2]);
+                acc[j][3] = fmaf(tmp[3], am[u][j][1], acc[j][3]);
+            }
         }
     }
 
