@@ -339,6 +339,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one shape")
     ap.add_argument("--variants", action="store_true", help="also time forced kernel variants")
     ap.add_argument("--json", help="write all rows here")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="M values, e.g. 1,16")
+    ap.add_argument("--linear-only", action="store_true", help="skip the dequantize/quantize rows")
     args = ap.parse_args()
     backends = ops.list_backends()
     if backends["cuda"] is not None:
@@ -358,9 +360,10 @@ def main():
     bw = copy_bandwidth()
     shapes = SHAPES[1:2] if args.quick else SHAPES
     rows: list[dict] = []
-    bench_dequant_quant(bw, rows, shapes)
-    print("dequant/quant done", flush=True)
-    bench_linear(rows, shapes, TOKENS, have_bnb)
+    if not args.linear_only:
+        bench_dequant_quant(bw, rows, shapes)
+        print("dequant/quant done", flush=True)
+    bench_linear(rows, shapes, [int(t) for t in args.tokens.split(",")], have_bnb)
     print("linear done", flush=True)
     if args.variants:
         bench_variants(rows)
