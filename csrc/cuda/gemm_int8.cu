@@ -111,32 +111,33 @@ gemm_int8_skinny(const int8_t *__restrict__ xq, const float *__restrict__ xs, co
     /* K-groups inside this block's slice (the split never cuts a group) */
     const int64_t chunks_per_group = gk < K ? gk / CK : INT64_MAX;
     int64_t chunks_in_group = 0, group = gk < K ? k_begin / gk : 0;
-    /* U chunks of weights and tokens requested before any is used (see linear4.cu) */
+    /* U chunks of weights requested before any is used (memory latency, see linear4.cu) */
     constexpr int U = 4;
     for (int64_t k0 = k_begin; k0 < k_end; k0 += U * CK) {
-        uint32_t ww[U][NT][WORDS], xr0[U][WORDS], xr1[U][WORDS];
+        uint32_t ww[U][NT][WORDS];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int64_t k = k0 + u * CK;
-#pragma unroll
-            for (int i = 0; i < WORDS; i++)
-                xr0[u][i] = xr1[u][i] = 0;
-            if (k < k_end) {
+        for (int u = 0; u < U; u++)
+            if (k0 + u * CK < k_end)
 #pragma unroll
                 for (int j = 0; j < NT; j++)
-                    load_words<BYTES>(wp[j] + k, ww[u][j]);
-                if (row0)
-                    load_words<BYTES>(xp0 + k, xr0[u]);
-                if (MH > 1 && row1)
-                    load_words<BYTES>(xp1 + k, xr1[u]);
-            }
-        }
+                    load_words<BYTES>(wp[j] + k0 + u * CK, ww[u][j]);
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int64_t k = k0 + u * CK;
             if (k >= k_end)
                 break;
-            const uint32_t *cx0 = xr0[u], *cx1 = xr1[u];
+            uint32_t cx0[WORDS], cx1[WORDS];
+            if (row0)
+                load_words<BYTES>(xp0 + k, cx0);
+            else
+#pragma unroll
+                for (int i = 0; i < WORDS; i++)
+                    cx0[i] = 0;
+#pragma unroll
+            for (int i = 0; i < WORDS; i++)
+                cx1[i] = 0;
+            if (MH > 1 && row1)
+                load_words<BYTES>(xp1 + k, cx1);
 #pragma unroll
             for (int j = 0; j < NT; j++)
 #pragma unroll

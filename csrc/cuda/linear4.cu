@@ -73,14 +73,13 @@ linear4_skinny(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     for (int j = 0; j < NT; j++)
         acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-    /* U chunks of weights, absmax and tokens are requested before any is used: one
-     * memory round trip a batch (runs 1-3: one chunk, then tokens loaded chunk by
-     * chunk, left the warps waiting on latency; ncu: DRAM 16% busy, L1TEX stalls). */
-    constexpr int U = BYTES == 16 ? 2 : 4; /* 16-byte chunks: 2 (registers) */
+    /* U chunks of weights and absmax are requested before any is used: a warp keeps
+     * U * NT * BYTES bytes a lane in flight (one chunk alone left the kernel waiting on
+     * memory latency, run 1/2). Tokens come from L1 (all warps of the block read them). */
+    constexpr int U = BYTES == 16 ? 4 : 8;
     for (int64_t k0 = k_begin; k0 < k_end; k0 += U * CK) {
         uint32_t ww[U][NT][BYTES / 4];
         float am[U][NT][2];
-        uint32_t xr0[U][XW], xr1[U][MH > 1 ? XW : 1];
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int64_t k = k0 + u * CK;
@@ -91,15 +90,6 @@ linear4_skinny(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                     am[u][j][0] = __ldg(absmax + ((acol[j][0] + k) >> log2_group));
                     am[u][j][1] = __ldg(absmax + ((acol[j][1] + k) >> log2_group));
                 }
-#pragma unroll
-                for (int i = 0; i < XW; i += 4) {
-                    uint4 u0 = row0 ? __ldg(reinterpret_cast<const uint4 *>(xp0 + k) + i / 4) : make_uint4(0, 0, 0, 0);
-                    xr0[u][i] = u0.x; xr0[u][i + 1] = u0.y; xr0[u][i + 2] = u0.z; xr0[u][i + 3] = u0.w;
-                    if constexpr (MH > 1) {
-                        uint4 u1 = row1 ? __ldg(reinterpret_cast<const uint4 *>(xp1 + k) + i / 4) : make_uint4(0, 0, 0, 0);
-                        xr1[u][i] = u1.x; xr1[u][i + 1] = u1.y; xr1[u][i + 2] = u1.z; xr1[u][i + 3] = u1.w;
-                    }
-                }
             }
         }
 #pragma unroll
@@ -107,8 +97,16 @@ linear4_skinny(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             const int64_t k = k0 + u * CK;
             if (k >= k_end)
                 break;
-            const uint32_t *cx0 = xr0[u];
-            const uint32_t *cx1 = xr1[u];
+            uint32_t cx0[XW], cx1[XW];
+#pragma unroll
+            for (int i = 0; i < XW; i += 4) {
+                uint4 u0 = row0 ? __ldg(reinterpret_cast<const uint4 *>(xp0 + k) + i / 4) : make_uint4(0, 0, 0, 0);
+                cx0[i] = u0.x; cx0[i + 1] = u0.y; cx0[i + 2] = u0.z; cx0[i + 3] = u0.w;
+                if (MH > 1) {
+                    uint4 u1 = row1 ? __ldg(reinterpret_cast<const uint4 *>(xp1 + k) + i / 4) : make_uint4(0, 0, 0, 0);
+                    cx1[i] = u1.x; cx1[i + 1] = u1.y; cx1[i + 2] = u1.z; cx1[i + 3] = u1.w;
+                }
+            }
 #pragma unroll
             for (int j = 0; j < NT; j++) {
                 float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -117,8 +115,8 @@ linear4_skinny(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                     uint32_t a[4];
                     a[0] = cx0[2 * s];
                     a[2] = cx0[2 * s + 1];
-                    a[1] = MH > 1 ? cx1[MH > 1 ? 2 * s : 0] : 0u;
-                    a[3] = MH > 1 ? cx1[MH > 1 ? 2 * s + 1 : 0] : 0u;
+                    a[1] = MH > 1 ? cx1[2 * s] : 0u;
+                    a[3] = MH > 1 ? cx1[2 * s + 1] : 0u;
                     uint32_t w = ww[u][j][s >> 1];
                     uint32_t b0 = my_lut[((w >> (16 * (s & 1))) & 0xffu) << 5];
                     uint32_t b1 = my_lut[((w >> (16 * (s & 1) + 8)) & 0xffu) << 5];
