@@ -72,6 +72,27 @@ def _load_cuda() -> None:
 
 _load_cuda()
 
+# Kernel variants of the CUDA backend, forced by tests and bench/gpu_ops.py (0 = automatic).
+CUDA_KNOBS = {"gemm_int8": 0, "linear_4bit": 1, "split_k": 2, "skinny_tile": 3, "linear_int8": 4}
+
+
+def cuda_kernel_variant(knob: str, value: int) -> int:
+    """Force a variant of the CUDA kernels (csrc/cuda/common.cuh, enum Knob); returns the
+    previous value. For tests and benchmarks: the automatic choice (0) is the product path."""
+    if _CUDA_REASON is not None:
+        raise RuntimeError(f"CUDA kernels unavailable: {_CUDA_REASON}")
+    import ctypes
+
+    lib = ctypes.CDLL(_CUDA_SO)  # the same loaded object as _C's, so the same state
+    return int(lib.cq_cuda_set_variant(CUDA_KNOBS[knob], int(value)))
+
+
+# COMFY_QUANT_CUDA_VARIANTS="gemm_int8=3,split_k=2": the same, from the environment (debugging).
+if _CUDA_REASON is None and os.environ.get("COMFY_QUANT_CUDA_VARIANTS"):
+    for _item in os.environ["COMFY_QUANT_CUDA_VARIANTS"].split(","):
+        _k, _, _v = _item.partition("=")
+        cuda_kernel_variant(_k.strip(), int(_v))
+
 BACKENDS = ("cuda", "cpu", "reference")
 _forced = threading.local()
 
