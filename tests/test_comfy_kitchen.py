@@ -146,20 +146,26 @@ def _flux_names(depth=2, single=2):
     names += [f"{e}.{p}" for e in ("time_in", "vector_in", "guidance_in") for p in ("in_layer", "out_layer")]
     for i in range(depth):
         for s in ("img", "txt"):
-            names += [f"double_blocks.{i}.{s}_mod.lin", f"double_blocks.{i}.{s}_attn.qkv",
+            names += [f"double_blocks.{i}.{s}_attn.norm.key_norm", f"double_blocks.{i}.{s}_mod.lin",
+                      f"double_blocks.{i}.{s}_attn.qkv",
                       f"double_blocks.{i}.{s}_attn.proj", f"double_blocks.{i}.{s}_mlp.0", f"double_blocks.{i}.{s}_mlp.2"]
     for i in range(single):
         names += [f"single_blocks.{i}.linear1", f"single_blocks.{i}.linear2", f"single_blocks.{i}.modulation.lin"]
     return names
 
 
-def test_flux_preset_keeps_embedders_modulation_and_final_layer():
+def test_flux_preset_keeps_embedders_and_final_layer_and_modulation_on_request():
     names = _flux_names()
+    linears = [n for n in names if not n.endswith("key_norm")]
     sel = presets.LayerSelector(names, "nf4", min_params=0)
     assert sel.detected == "flux" and sel.architecture == "flux"
-    quantized = {n for n in names if sel.decide(n, (3072, 3072)).quantize}
-    assert quantized == {n for n in names if any(s in n for s in ("_attn.", "_mlp.", "linear1", "linear2"))}
-    assert "modulation" in sel.decide("single_blocks.0.modulation.lin", (3072, 3072)).reason
+    quantized = {n for n in linears if sel.decide(n, (3072, 3072)).quantize}
+    blocks = {n for n in linears if any(s in n for s in ("_attn.", "_mlp.", "linear1", "linear2"))}
+    modulation = {n for n in linears if n.endswith(("_mod.lin", "modulation.lin"))}
+    assert quantized == blocks | modulation  # shared presets: modulation is quantized by default
+    keep = presets.LayerSelector(names, "nf4", min_params=0, keep_modulation=True)
+    assert {n for n in linears if keep.decide(n, (3072, 3072)).quantize} == blocks
+    assert "modulation" in keep.decide("single_blocks.0.modulation.lin", (3072, 3072)).reason
     assert "small" in presets.LayerSelector(names, "nf4").decide("double_blocks.0.img_attn.proj", (128, 128)).reason
 
 
@@ -170,7 +176,8 @@ def test_selection_order_exclude_include_preset_size_shape():
     assert sel.decide("img_in", (3072, 64)).quantize  # include beats the preset and the size
     assert sel.decide("double_blocks.0.txt_mlp.2", (3, 5)).quantize  # and the shape rule
     assert not sel.decide("double_blocks.0.txt_attn.qkv", (100, 100)).quantize  # small
-    assert "tile" in sel.decide("double_blocks.0.txt_attn.qkv", (9216, 3000)).reason
+    assert "not a multiple of group size" in sel.decide("double_blocks.0.txt_attn.qkv", (9216, 3000)).reason
+    assert "block size" in sel.decide("double_blocks.0.txt_attn.qkv", (9000, 3072)).reason
     assert not presets.LayerSelector(names, "nf4", preset="none", min_params=0).decide("img_in", (64, 64)).reason
 
 
@@ -178,7 +185,7 @@ def test_architectures_detected_from_layer_names():
     assert presets.detect_architecture(_flux_names()) == "flux"
     chroma = [n for n in _flux_names() if "_mod" not in n] + ["distilled_guidance_layer.in_proj"]
     assert presets.detect_architecture(chroma) == "chroma"
-    assert presets.detect_architecture(["blocks.0.self_attn.q", "blocks.0.ffn.0"]) == "wan"
+    assert presets.detect_architecture(["blocks.0.self_attn.q", "blocks.0.ffn.0", "head"]) == "wan"
     assert presets.detect_architecture(["transformer_blocks.0.img_mod.1",
                                         "transformer_blocks.0.attn.add_q_proj"]) == "qwen_image"
     assert presets.detect_architecture(["foo.bar"]) is None

@@ -106,7 +106,7 @@ def test_quantize_sample_save_load_sample(server, baseline, fmt):
     save = {"5": {"class_type": "ComfyQuantSaveModel", "inputs": {"model": ["2", 0], "name": f"quantized/tiny_{fmt}",
                                                                   "overwrite": False}}}
     entry = _ok(server, {**UNET, **_quantize(fmt), **save})
-    assert f"20 {fmt}" in entry["outputs"]["5"]["text"][0]
+    assert f"26 {fmt}" in entry["outputs"]["5"]["text"][0]
     path = os.path.join(server.base, "models", "diffusion_models", "quantized", f"tiny_{fmt}.safetensors")
     assert os.path.isfile(path)
 

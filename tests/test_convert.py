@@ -12,7 +12,7 @@ from safetensors import safe_open
 from comfy_quant_native import QuantizedWeight, formats
 from comfy_quant_native.convert import ConvertError, Converter, convert_file, inspect_file
 from comfy_quant_native.convert import converter as converter_mod
-from comfy_quant_native.convert.presets import LayerSelector, detect_architecture
+from comfy_quant_native.presets import LayerSelector, detect_architecture
 from comfy_quant_native.convert.rounding import quantize_fp8
 from convert_helpers import json_of, listing, load_file, save_file, tiny_shapes, write_tiny
 

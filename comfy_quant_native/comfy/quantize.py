@@ -72,15 +72,17 @@ def _bytes(t: torch.Tensor) -> int:
 
 def quantize_model(patcher, layout: str, group_size: int | None = None, *, preset: str = "auto",
                    include: str = "", exclude: str = "", min_params: int = MIN_PARAMS, w8a8: bool = True,
-                   lora_mode: str = "exact", progress=None):
+                   lora_mode: str = "exact", keep_modulation: bool = False, progress=None):
     """Returns (quantized clone, summary line). ``progress(done, total)`` is called per layer."""
     L.check_layout(layout)
     diffusion = patcher.model.diffusion_model
     linears = {name: m for name, m in diffusion.named_modules() if name and _is_linear(m)}
     # Prefer what this patcher sees (its own earlier object patches).
     linears = {name: _source_module(patcher, name) for name in linears}
-    selector = LayerSelector(linears.keys(), layout, group_size, preset=preset, include=include,
-                             exclude=exclude, min_params=min_params)
+    # Architecture signatures name modules and parameters (norms, modulation vectors) alike.
+    names = [n for n, _ in diffusion.named_modules() if n] + [n for n, _ in diffusion.named_parameters()]
+    selector = LayerSelector(names, layout, group_size, preset=preset, include=include,
+                             exclude=exclude, min_params=min_params, keep_modulation=keep_modulation)
     chosen, kept = [], {}
     for name, m in linears.items():
         d = selector.decide(name, (m.out_features, m.in_features))

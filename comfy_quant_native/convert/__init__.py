@@ -7,7 +7,7 @@ architecture, rounding methods, and the ``comfy-quant`` command line (cli.py).
 from .converter import FORMATS, Converter
 from .inspect import InspectReport, inspect_file
 from .pipeline import ConvertSummary, convert_file, derived_output
-from .presets import ARCHITECTURES, PRESETS, detect_architecture
+from ..presets import ARCHITECTURES, PRESETS, detect_architecture
 from .rounding import ROUNDINGS
 from .safetensors_stream import ConvertError
 

@@ -16,7 +16,7 @@ import json
 import sys
 
 from .converter import FORMATS
-from .presets import MIN_PARAMS, PRESETS
+from ..presets import MIN_PARAMS, PRESETS
 from .rounding import ROUNDINGS
 from .safetensors_stream import ConvertError
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Peak memory stays about 1 GB whatever the model size; the output appears only once "
                     "complete and verified.",
         epilog=COMPAT_TABLE + "\n\nPresets keep per architecture the input embedders, final layer and "
-               "what the architecture needs in high precision; see comfy_quant_native/convert/presets.py.",
+               "what the architecture needs in high precision; see comfy_quant_native/presets.py.",
     )
     io = c.add_argument_group("files")
     io.add_argument("-i", "--input", required=True, metavar="IN", help="float .safetensors checkpoint (read only)")

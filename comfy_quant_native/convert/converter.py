@@ -21,6 +21,7 @@ import torch
 from .. import formats
 from .. import layouts as L
 from ..formats.common import json_tensor
+from ..presets import shape_problem
 from ..quantized import QuantizedWeight, QuantParams
 from . import rounding as R
 from .safetensors_stream import OutputSpec
@@ -82,16 +83,7 @@ class Converter:
     # ------------------------------------------------------------------ shapes
     def shape_problem(self, shape: tuple[int, ...]) -> str | None:
         """Why a weight of ``shape`` cannot be converted (None: it can)."""
-        if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0:
-            return f"not a 2-D [out, in] weight (shape {list(shape)})"
-        if self.group_size is None:
-            return None
-        N, K = shape
-        if K % self.group_size:
-            return f"in_features {K} is not a multiple of group size {self.group_size}"
-        if self.layout == "int8_block" and N % self.group_size:
-            return f"out_features {N} is not a multiple of block size {self.group_size}"
-        return None
+        return shape_problem(self.layout, self.group_size, tuple(shape))
 
     def _check(self, name: str, shape, dtype) -> None:
         if dtype not in L.FLOAT_DTYPES:

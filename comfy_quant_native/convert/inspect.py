@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import layouts as L
-from .presets import detect_architecture
+from ..presets import detect_architecture
 from .safetensors_stream import SafetensorsReader, TensorInfo
 
 FLOAT_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",

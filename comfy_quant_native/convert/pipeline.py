@@ -35,7 +35,7 @@ from .. import formats
 from .. import layouts as L
 from .converter import FORMATS, Converter, layer_prefix
 from .inspect import quantized_reason
-from .presets import MIN_PARAMS, Decision, LayerSelector
+from ..presets import MIN_PARAMS, Decision, LayerSelector
 from .safetensors_stream import (
     ConvertError, OutputSpec, SafetensorsReader, SafetensorsWriter, read_header,
 )

@@ -1,4 +1,6 @@
-"""Which layers of a diffusion model are quantized and which stay in high precision.
+"""Which layers of a diffusion model are quantized and which stay in high precision:
+the one definition that the offline converter (convert/) and the Quantize Model node
+(comfy/) share.
 
 Key names are ComfyUI's (comfy/ldm/*), as its diffusion-model files carry them; a file
 whose keys sit under a prefix (``model.diffusion_model.`` in full checkpoints) is read
@@ -11,13 +13,14 @@ Rules, in order, for each ``L.weight`` of the file (first match decides):
   3. not a 2-D floating-point weight             -> keep (biases, norms, convs, embeddings
                                                     tables that are not Linear weights)
   4. the preset keeps L (table below)            -> keep, with the preset's reason
-  5. fewer than ``min_params`` values (1M)       -> keep: tiny layers save nothing and
+  5. a modulation layer and ``keep_modulation``  -> keep (off by default, see flux below)
+  6. fewer than ``min_params`` values (1M)       -> keep: tiny layers save nothing and
                                                     cost a kernel launch each
-  6. otherwise                                   -> quantize
-A layer to quantize whose shape cannot take the format's group size (K, or N for
-int8_blockwise, not a multiple of it: groups would straddle rows, which other loaders of
-these formats reject) stops the conversion with an error naming it, before anything is
-written: pick another --group-size or --exclude the layer.
+  7. otherwise                                   -> quantize
+A layer to quantize whose shape cannot take the format's group size (``shape_problem``:
+K, or N for int8_blockwise, not a multiple of it: groups would straddle rows, which other
+loaders of these formats reject) stops the converter with an error naming it before
+anything is written; the Quantize Model node keeps such a layer in high precision.
 Everything that is not a ``.weight`` (biases, ``.scale`` of RMSNorms, pos_embed...)
 is copied unchanged.
 
@@ -50,6 +53,10 @@ are a rounding error of the model's size):
                  Z-Image list keeps it).
   generic        (no architecture recognised) embed/embedder, norm, final_layer,
                  proj_out, head, lm_head.
+  none           nothing: every 2-D weight above min_params is quantized.
+Modulation layers (per architecture in ``_MODULATION``) are quantized unless
+``keep_modulation`` is set: docs/QUALITY.md measures their output error no worse than
+the other layers', and keeping them in bf16 costs 27% of Flux's weight bytes.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ from dataclasses import dataclass
 
 
 ARCHITECTURES = ("flux", "chroma", "sd3", "qwen_image", "wan", "hunyuan_video", "hidream", "lumina2")
-PRESETS = ARCHITECTURES + ("generic", "auto")
+PRESETS = ARCHITECTURES + ("generic", "none", "auto")
 MIN_PARAMS = 1_000_000
 
 # Prefixes under which ComfyUI finds the diffusion model in a full checkpoint.
@@ -134,20 +141,41 @@ _KEEP: dict[str, tuple[tuple[str, str], ...]] = {
         (r"(^|\.)\w*norm\w*(\.|$)", "norm"),
         (r"(^|\.)(final_layer|proj_out|head|lm_head)(\.|$)", _EMBED_FINAL),
     ),
+    "none": (),
 }
+
+# Modulation layers: kept only with keep_modulation (rule 5).
+_MOD_ANY = r"(^|\.)(img_mod|txt_mod|modulation|adaLN_modulation)(\.|$)"
+_MODULATION: dict[str, str] = {arch: _MOD_ANY for arch in _KEEP}
+_MODULATION["none"] = r"(?!)"
 
 
 def detect_architecture(keys: Iterable[str]) -> tuple[str | None, str]:
-    """(architecture or None, prefix) from the key names alone."""
+    """(architecture or None, prefix) from the names alone: tensor keys of a file, or
+    the module paths of a loaded model (a signature key then matches its module)."""
     keys = list(keys)
     for p in ("",) + MODEL_PREFIXES:
         rel = {k[len(p):] for k in keys if k.startswith(p)}
         if not rel:
             continue
         for arch, sig in _SIGNATURES:
-            if all(s in rel for s in sig):
+            if all(s in rel or s.rpartition(".")[0] in rel for s in sig):
                 return arch, p
     return None, ""
+
+
+def shape_problem(layout: str, group_size: int | None, shape: tuple[int, ...]) -> str | None:
+    """Why a weight of ``shape`` cannot take ``layout`` at ``group_size`` (None: it can)."""
+    if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0:
+        return f"not a 2-D [out, in] weight (shape {list(shape)})"
+    if group_size is None:
+        return None
+    N, K = shape
+    if K % group_size:
+        return f"in_features {K} is not a multiple of group size {group_size}"
+    if layout == "int8_block" and N % group_size:
+        return f"out_features {N} is not a multiple of block size {group_size}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -161,7 +189,7 @@ class LayerSelector:
     """Decides per weight whether it is quantized (rules in the module docstring)."""
 
     def __init__(self, preset: str, keys: Iterable[str], include: str | None = None,
-                 exclude: str | None = None, min_params: int = MIN_PARAMS):
+                 exclude: str | None = None, min_params: int = MIN_PARAMS, keep_modulation: bool = False):
         keys = list(keys)
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
@@ -176,6 +204,8 @@ class LayerSelector:
         self.include = _compile(include, "--include")
         self.exclude = _compile(exclude, "--exclude")
         self._keep = [(re.compile(rx), why) for rx, why in _KEEP[self.architecture]]
+        if keep_modulation:
+            self._keep.append((re.compile(_MODULATION[self.architecture]), "modulation (keep_modulation)"))
 
     def decide(self, layer: str, shape: tuple[int, ...], floating: bool) -> Decision:
         """``layer`` is the module path (the key without ``.weight``)."""
