@@ -17,7 +17,8 @@ pytest.importorskip("comfy_kitchen")
 from comfy_kitchen.tensor import QuantizedTensor, get_layout_class  # noqa: E402
 
 from comfy_quant_native import QuantizedWeight  # noqa: E402
-from comfy_quant_native.comfy import files, presets, qtensor  # noqa: E402
+from comfy_quant_native.comfy import presets, qtensor  # noqa: E402
+from comfy_quant_native.formats import read_safetensors_header  # noqa: E402
 from comfy_quant_native.formats import FormatError  # noqa: E402
 
 LAYOUTS = ("nf4", "fp4", "int8_block", "int8_lode", "int8_row")
@@ -213,28 +214,28 @@ def test_safetensors_header_checks(tmp_path):
 
     good = tmp_path / "good.safetensors"
     save_file({"a.weight": torch.ones(4, 8), "b": torch.zeros(3, dtype=torch.uint8)}, str(good), {"k": "v"})
-    header, meta = files.read_safetensors_header(str(good))
+    header, meta, _ = read_safetensors_header(str(good))
     assert set(header) == {"a.weight", "b"} and meta == {"k": "v"}
 
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:-20])
     with pytest.raises(FormatError, match=r"truncated\.safetensors.*(a\.weight|'b').*truncated"):
-        files.read_safetensors_header(str(truncated))
+        read_safetensors_header(str(truncated))
 
     text = tmp_path / "notes.safetensors"
     text.write_text("this is a text file, not a model\n" * 3)
     with pytest.raises(FormatError, match=r"notes\.safetensors.*not a safetensors file"):
-        files.read_safetensors_header(str(text))
+        read_safetensors_header(str(text))
 
     tiny = tmp_path / "tiny.safetensors"
     tiny.write_bytes(b"\x01\x02")
-    with pytest.raises(FormatError, match="shorter than the 8-byte"):
-        files.read_safetensors_header(str(tiny))
+    with pytest.raises(FormatError, match="too short for the 8-byte"):
+        read_safetensors_header(str(tiny))
 
     wrong = tmp_path / "wrong.safetensors"
     _write_raw(wrong, {"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32]}}, bytes(32))
-    with pytest.raises(FormatError, match=r"tensor 'w': F32 \[4, 4\] needs 64 bytes"):
-        files.read_safetensors_header(str(wrong))
+    with pytest.raises(FormatError, match=r"tensor 'w': F32 \[4, 4\] needs 64 bytes, the header gives 32"):
+        read_safetensors_header(str(wrong))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

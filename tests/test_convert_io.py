@@ -112,8 +112,8 @@ def _header_file(path, header: dict, data: bytes = b"", declared_len=None):
     ("short_header", "truncated"),
     ("short_data", "truncated"),
     ("hole", "hole or overlap"),
-    ("bad_nbytes", "expected 16"),
-    ("bad_dtype", "malformed"),
+    ("bad_nbytes", "needs 16 bytes, the header gives 12"),
+    ("bad_dtype", "dtype 'Q7' is not one this converter reads"),
     ("not_object", "not a JSON object"),
 ])
 def test_read_header_rejects_bad_files(tmp_path, case, match):

@@ -292,12 +292,16 @@ def test_load_file_errors_name_the_file(tmp_path):
     good = tmp_path / "good.safetensors"
     F.save_file(good, _nf4_sd())
     data = good.read_bytes()
-    for name, content in [("trunc.safetensors", data[:-10]), ("header.safetensors", data[:20]),
-                          ("junk.safetensors", b"GGUF this is not safetensors at all"), ("empty.safetensors", b"")]:
+    for name, content, reason in [
+        ("trunc.safetensors", data[:-10], "(truncated file)"),
+        ("header.safetensors", data[:20], "truncated file: the header needs"),
+        ("junk.safetensors", b"GGUF this is not safetensors at all", "not a safetensors file"),
+        ("empty.safetensors", b"", "not a safetensors file: 0 bytes"),
+    ]:
         p = tmp_path / name
         p.write_bytes(content)
-        expect_error(lambda p=p: F.load_file(p), "not a readable safetensors file", source=str(p))
-        expect_error(lambda p=p: F.probe_file(p), "not a readable safetensors file", source=str(p))
+        expect_error(lambda p=p: F.load_file(p), reason, source=str(p))
+        expect_error(lambda p=p: F.probe_file(p), reason, source=str(p))
 
 
 def test_save_file_is_atomic_and_never_overwrites_input(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
     load_diffusion_model(path) -> (ModelPatcher, summary line)
 
-1. A safetensors file's header is checked first (files.read_safetensors_header): a file
+1. A safetensors file's header is checked first (formats.read_safetensors_header): a file
    that is not safetensors, or is truncated, fails here naming the file and tensor.
 2. The form is detected (formats.probe). A file with no layer of ours (plain weights,
    or only formats stock ComfyUI runs: fp8 scaled, nvfp4, mxfp8, ConvRot int8...) and
@@ -33,7 +33,6 @@ from .. import formats
 from . import lora
 from .. import layouts as L
 from ..formats.common import json_tensor
-from .files import read_safetensors_header
 from .operations import make_operations
 from .qtensor import from_quantized_weight
 
@@ -69,7 +68,7 @@ def load_diffusion_model(path: str, *, w8a8: bool = True, lora_mode: str = "exac
     name = os.path.basename(path)
     if not path.lower().endswith(SAFETENSORS_EXT):
         return _stock_load(path, disable_dynamic), f"{name}: not safetensors, loaded by ComfyUI"
-    read_safetensors_header(path)
+    formats.read_safetensors_header(path)
     try:
         sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
     except Exception as e:

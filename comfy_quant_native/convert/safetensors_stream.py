@@ -35,26 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-HEADER_LIMIT = 100 * 1024 * 1024  # safetensors refuses headers above 100 MB too
-
-DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        DTYPE_NAMES[getattr(torch, _attr)] = _name
-DTYPE_OF_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+from ..formats.common import FormatError
+from ..formats.safetensors_header import DTYPE_NAMES, TensorInfo, element_size, read_safetensors_header
 
 
 class ConvertError(Exception):
@@ -62,83 +44,19 @@ class ConvertError(Exception):
     tensor and the reason (the CLI prints it and exits with status 1)."""
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int  # byte offset in the file (absolute)
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """(tensors by key in file order, __metadata__, file size). Raises ConvertError with
-    the reason when the file is missing, not a safetensors file, or truncated."""
+    """(tensors by key in file order, __metadata__, file size): the shared header check
+    (formats.safetensors_header), as a one-line ConvertError, and every dtype must be one
+    the converter can write back."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ConvertError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > HEADER_LIMIT or n < 2:
-                raise ConvertError(f"{path}: not a safetensors file (header length field {n} is implausible)")
-            if 8 + n > size:
-                raise ConvertError(f"{path}: truncated file (header needs {8 + n} bytes, file has {size})")
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise ConvertError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ConvertError(f"{path}: is a directory, not a safetensors file") from None
-    except PermissionError:
-        raise ConvertError(f"{path}: permission denied") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise ConvertError(f"{path}: not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ConvertError(f"{path}: __metadata__ must map strings to strings")
-    data_start = 8 + n
-    infos: list[TensorInfo] = []
-    for key, entry in header.items():
-        try:
-            dtype = DTYPE_OF_NAME[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            b, e = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConvertError(f"{path}: tensor {key}: malformed header entry {entry!r} ({exc})") from None
-        if any(s < 0 for s in shape) or b < 0 or e < b:
-            raise ConvertError(f"{path}: tensor {key}: invalid shape {shape} or offsets [{b}, {e}]")
-        if (e - b) != math.prod(shape) * _element_size(dtype):
-            raise ConvertError(
-                f"{path}: tensor {key}: {e - b} bytes for {entry['dtype']} {list(shape)}, "
-                f"expected {math.prod(shape) * _element_size(dtype)}"
-            )
-        infos.append(TensorInfo(key, dtype, shape, data_start + b, data_start + e))
-    infos.sort(key=lambda t: (t.begin, t.end))
-    pos = data_start
-    for t in infos:
-        if t.begin != pos:
-            raise ConvertError(f"{path}: tensor {t.key}: data offsets leave a hole or overlap at byte {t.begin - data_start}")
-        pos = t.end
-    if pos > size:
-        raise ConvertError(f"{path}: truncated file (data ends at byte {pos}, file has {size})")
-    return {t.key: t for t in infos}, dict(metadata), size
+        infos, metadata, size = read_safetensors_header(path)
+    except FormatError as e:
+        raise ConvertError(str(e)) from None
+    for t in infos.values():
+        if t.dtype is None:
+            raise ConvertError(f"{path}: tensor {t.key!r}: dtype {t.dtype_name!r} is not one this converter "
+                               f"reads (malformed header or a newer safetensors type)")
+    return infos, metadata, size
 
 
 class SafetensorsReader:
@@ -200,7 +118,7 @@ class OutputSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _element_size(self.dtype)
+        return math.prod(self.shape) * element_size(self.dtype)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -236,7 +154,7 @@ class SafetensorsWriter:
             seen.add(s.key)
         # Largest element size first: every tensor then starts at a multiple of its
         # element size (the header is padded to 8), as safetensors orders its files.
-        order = sorted(range(len(specs)), key=lambda i: -_element_size(specs[i].dtype))
+        order = sorted(range(len(specs)), key=lambda i: -element_size(specs[i].dtype))
         header: dict = {}
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

@@ -41,6 +41,7 @@ from .comfy_quant import layer_json, layer_tensors
 from .common import FORMS, FormatError, LoadedStateDict
 from .detect import Probe, detect_form, load_state_dict, probe
 from .emit import WRITE_FORMS, emit_state_dict
+from .safetensors_header import TensorInfo, read_safetensors_header
 from .files import SafetensorsMapping, atomic_output, load_file, open_safetensors, probe_file, save_file
 from .quant_metadata import HEADER_KEY, header_metadata, layers_header
 
@@ -52,11 +53,13 @@ __all__ = [
     "LoadedStateDict",
     "Probe",
     "SafetensorsMapping",
+    "TensorInfo",
     "atomic_output",
     "bnb_layer_tensors",
     "detect_form",
     "emit_state_dict",
     "header_metadata",
+    "read_safetensors_header",
     "layer_json",
     "layer_tensors",
     "layers_header",

@@ -23,6 +23,7 @@ import torch
 
 from .common import FormatError, LoadedStateDict
 from .detect import Probe, load_state_dict, probe
+from .safetensors_header import read_safetensors_header
 
 
 class SafetensorsMapping(Mapping):
@@ -55,6 +56,7 @@ def open_safetensors(path, device="cpu"):
     from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
+    read_safetensors_header(path)  # names the file and tensor of a truncated or foreign file
     try:
         handle = safe_open(path, framework="pt", device=str(device))
     except SafetensorError as e:
