@@ -39,7 +39,7 @@ typedef struct {
 
 static module_state *get_state(PyObject *module) { return (module_state *)PyModule_GetState(module); }
 
-static const char *const level_names[CQ_CPU_LEVELS] = {"ref", "avx2", "avx512"};
+static const char *const level_names[CQ_CPU_LEVELS] = {"ref", "avx2", "avx512", "avx512vnni"};
 
 static void set_level(module_state *st, int level) {
     cq_cpu_kernels_for_level(level, &st->kernels);
@@ -522,14 +522,14 @@ static int level_from_name(const char *name) {
     return -1;
 }
 
-/* set_cpu_level(name): force a SIMD level ("ref", "avx2", "avx512") for tests. */
+/* set_cpu_level(name): force a SIMD level ("ref", "avx2", "avx512", "avx512vnni") for tests. */
 static PyObject *py_set_cpu_level(PyObject *module, PyObject *args) {
     const char *name;
     if (!PyArg_ParseTuple(args, "s", &name))
         return NULL;
     int level = level_from_name(name);
     if (level < 0)
-        return PyErr_Format(PyExc_ValueError, "unknown CPU level %R; known: ref, avx2, avx512",
+        return PyErr_Format(PyExc_ValueError, "unknown CPU level %R; known: ref, avx2, avx512, avx512vnni",
                             PyTuple_GetItem(args, 0));
     if (!cq_cpu_level_supported(level))
         return PyErr_Format(PyExc_ValueError, "this CPU does not support level %s", name);
@@ -622,7 +622,7 @@ static int module_exec(PyObject *module) {
         int f = level_from_name(forced);
         if (f < 0 || !cq_cpu_level_supported(f)) {
             PyErr_Format(PyExc_ImportError,
-                         "COMFY_QUANT_CPU=%s is not a level this CPU runs (ref, avx2, avx512)", forced);
+                         "COMFY_QUANT_CPU=%s is not a level this CPU runs (ref, avx2, avx512, avx512vnni)", forced);
             return -1;
         }
         level = f;
