@@ -32,8 +32,12 @@
 
 #define GEMM_MR 4  /* activation rows per GEMM micro-tile */
 #define PANEL_N 32 /* weight rows per packed GEMM panel */
-#define LIN_MR 4   /* weight-only linear: activation rows per tile (AVX-512) */
+#define LIN_MR 4   /* weight-only linear: activation rows per tile (AVX-512; AVX2 below) */
 #define LIN_NR 4   /* weight rows per tile */
+#define LIN_SCRATCH_M 8 /* weight-only linear: above this many rows, dequantize blocks to scratch */
+#define LIN_SCRATCH_M 8 /* weight-only linear: above this many rows, dequantize blocks to scratch */
+#define LIN_SCRATCH_M 8 /* weight-only linear: above this many rows, dequantize blocks to scratch */
+#define LIN_SCRATCH_M 8 /* weight-only linear: above this many rows, dequantize blocks to scratch */
 
 /* ================================================================== shared scalar pieces */
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -367,7 +371,26 @@ done:
 }
 
 /* ------------------------------------------------------------------ AVX2 weight-only linear */
-/* mr rows x LIN_NR weight rows (the last valid row repeats past nr): y = x (q*s)^T + bias. */
+#define LIN_MR_AVX2 2 /* 16 ymm registers: 2 x 4 accumulators + 2 x 4 group partials */
+
+/* Row stride of the float32 weight scratch: K rounded up to a 16-float vector, plus one
+ * vector, so that rows do not share L1 sets when K is a multiple of 1024. */
+static inline int64_t scratch_stride(int64_t K) { return CQ_CDIV(K, 16) * 16 + 16; }
+
+/* y[m0+i, nb+j] = hsum(acc[i][j]) (+ bias), j < nr; constant indices keep acc in registers. */
+INLINE T_AVX2 void store_tile_avx2(int mr, int nr, __m256 acc[LIN_MR_AVX2][LIN_NR], const float *bias,
+                                   float *y, int64_t m0, int64_t nb, int64_t N) {
+    for (int i = 0; i < mr; i++) {
+        float v[LIN_NR];
+        for (int j = 0; j < LIN_NR; j++)
+            v[j] = hsum8_avx2(acc[i][j]);
+        for (int j = 0; j < nr; j++)
+            y[(m0 + i) * N + nb + j] = bias ? v[j] + bias[nb + j] : v[j];
+    }
+}
+
+/* mr rows x LIN_NR weight rows (the last valid row repeats past nr): y = x (q*s)^T + bias,
+ * as sum over groups of s * (x . q); each group sums into fresh registers (see AVX-512). */
 INLINE T_AVX2 void linear_tile_avx2(int mr, int nr, const float *x, const int8_t *wq, const float *ws,
                                     const float *bias, float *y, int64_t m0, int64_t nb, int64_t N,
                                     int64_t K, int64_t gn, int64_t gk, int64_t kb) {
@@ -378,61 +401,119 @@ INLINE T_AVX2 void linear_tile_avx2(int mr, int nr, const float *x, const int8_t
         wr[j] = wq + n * K;
         sr[j] = ws + (n / gn) * kb;
     }
-    __m256 acc[2][LIN_NR];
+    __m256 acc[LIN_MR_AVX2][LIN_NR];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < LIN_NR; j++)
             acc[i][j] = _mm256_setzero_ps();
+    const float *x0 = x + m0 * K;
     for (int64_t g = 0; g < kb; g++) {
-        int64_t k_lo = g * gk, k_hi = min64(k_lo + gk, K), k = k_lo;
-        __m256 vs[LIN_NR];
-        for (int j = 0; j < LIN_NR; j++)
-            vs[j] = _mm256_set1_ps(sr[j][g]);
-        for (; k + 8 <= k_hi; k += 8) {
-            __m256 w[LIN_NR];
+        int64_t k_hi = min64(g * gk + gk, K), k = g * gk;
+        __m256 part[LIN_MR_AVX2][LIN_NR], w[LIN_NR];
+        for (int i = 0; i < mr; i++)
             for (int j = 0; j < LIN_NR; j++)
-                w[j] = _mm256_mul_ps(i8x8_to_f32_avx2(wr[j] + k), vs[j]);
+                part[i][j] = _mm256_setzero_ps();
+        for (; k + 8 <= k_hi; k += 8) {
+            for (int j = 0; j < LIN_NR; j++)
+                w[j] = i8x8_to_f32_avx2(wr[j] + k);
             for (int i = 0; i < mr; i++) {
-                __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
+                __m256 xv = _mm256_loadu_ps(x0 + i * K + k);
                 for (int j = 0; j < LIN_NR; j++)
-                    acc[i][j] = _mm256_fmadd_ps(xv, w[j], acc[i][j]);
+                    part[i][j] = _mm256_fmadd_ps(xv, w[j], part[i][j]);
             }
         }
         if (k < k_hi) {
-            __m256 w[LIN_NR];
             for (int j = 0; j < LIN_NR; j++) {
                 int8_t buf[8] = {0};
                 memcpy(buf, wr[j] + k, (size_t)(k_hi - k));
-                w[j] = _mm256_mul_ps(i8x8_to_f32_avx2(buf), vs[j]);
+                w[j] = i8x8_to_f32_avx2(buf);
             }
             for (int i = 0; i < mr; i++) {
-                __m256 xv = load_partial_f32_avx2(x + (m0 + i) * K + k, k_hi - k);
+                __m256 xv = load_partial_f32_avx2(x0 + i * K + k, k_hi - k);
                 for (int j = 0; j < LIN_NR; j++)
-                    acc[i][j] = _mm256_fmadd_ps(xv, w[j], acc[i][j]);
+                    part[i][j] = _mm256_fmadd_ps(xv, w[j], part[i][j]);
             }
         }
-    }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) {
-            float v = hsum8_avx2(acc[i][j]);
-            y[(m0 + i) * N + nb + j] = bias ? v + bias[nb + j] : v;
+        for (int j = 0; j < LIN_NR; j++) {
+            __m256 vs = _mm256_set1_ps(sr[j][g]);
+            for (int i = 0; i < mr; i++)
+                acc[i][j] = _mm256_fmadd_ps(part[i][j], vs, acc[i][j]);
         }
+    }
+    store_tile_avx2(mr, nr, acc, bias, y, m0, nb, N);
 }
 
-/* linear_int8_avx2: as linear_int8_ref, FMA over 8 lanes (agrees to float32 rounding). */
+/* mr rows x LIN_NR float32 weight rows of the scratch wf: y = x wf^T + bias. */
+INLINE T_AVX2 void linear_tile_f32_avx2(int mr, int nr, const float *x, const float *wf,
+                                        const float *bias, float *y, int64_t m0, int64_t nb,
+                                        int64_t N, int64_t K) {
+    __m256 acc[LIN_MR_AVX2][LIN_NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < LIN_NR; j++)
+            acc[i][j] = _mm256_setzero_ps();
+    const float *x0 = x + m0 * K;
+    const int64_t ldw = scratch_stride(K);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 w[LIN_NR];
+        for (int j = 0; j < LIN_NR; j++)
+            w[j] = _mm256_loadu_ps(wf + j * ldw + k);
+        for (int i = 0; i < mr; i++) {
+            __m256 xv = _mm256_loadu_ps(x0 + i * K + k);
+            for (int j = 0; j < LIN_NR; j++)
+                acc[i][j] = _mm256_fmadd_ps(xv, w[j], acc[i][j]);
+        }
+    }
+    if (k < K) { /* the scratch is zero-padded, only x needs a mask */
+        __m256 w[LIN_NR];
+        for (int j = 0; j < LIN_NR; j++)
+            w[j] = _mm256_loadu_ps(wf + j * ldw + k);
+        for (int i = 0; i < mr; i++) {
+            __m256 xv = load_partial_f32_avx2(x0 + i * K + k, K - k);
+            for (int j = 0; j < LIN_NR; j++)
+                acc[i][j] = _mm256_fmadd_ps(xv, w[j], acc[i][j]);
+        }
+    }
+    store_tile_avx2(mr, nr, acc, bias, y, m0, nb, N);
+}
+
+/* Dequantize weight rows nb..nb+LIN_NR-1 (the last valid row repeats past nr) to the
+ * float32 scratch, q * s as the reference computes it, zero-padded to the stride. */
+INLINE T_AVX2 void dequantize_block_avx2(const int8_t *wq, const float *ws, int64_t nb, int nr, int64_t K,
+                                         int64_t gn, int64_t gk, int64_t kb, float *wf) {
+    for (int j = 0; j < LIN_NR; j++) {
+        int64_t n = nb + (j < nr ? j : nr - 1);
+        float *row = wf + j * scratch_stride(K);
+        dequantize_int8_avx2_dt(wq + n * K, ws + (n / gn) * kb, row, CQ_F32, 1, K, 1, gk, 0, 1);
+        memset(row + K, 0, (size_t)(scratch_stride(K) - K) * sizeof(float));
+    }
+}
+
+/* linear_int8_avx2: as linear_int8_ref, FMA over 8 lanes (agrees to float32 rounding).
+ * Up to LIN_MR_AVX2 rows it converts the weight in registers (one pass over it); above,
+ * each block of LIN_NR weight rows is dequantized once into scratch for every tile. */
 static T_AVX2 int linear_int8_avx2(const float *restrict x, const int8_t *restrict wq,
                                    const float *restrict ws, const float *bias, float *restrict y,
                                    int64_t M, int64_t N, int64_t K, int64_t gn, int64_t gk,
                                    int64_t n0, int64_t n1) {
     const int64_t kb = CQ_CDIV(K, gk);
+    float *wf = NULL;
+    if (M > LIN_SCRATCH_M && !(wf = alloc64((size_t)LIN_NR * scratch_stride(K) * sizeof(float))))
+        return CQ_ENOMEM;
     for (int64_t nb = n0; nb < n1; nb += LIN_NR) {
         int nr = (int)min64(LIN_NR, n1 - nb);
-        for (int64_t m0 = 0; m0 < M; m0 += 2) {
-            if (M - m0 >= 2)
-                linear_tile_avx2(2, nr, x, wq, ws, bias, y, m0, nb, N, K, gn, gk, kb);
+        if (wf)
+            dequantize_block_avx2(wq, ws, nb, nr, K, gn, gk, kb, wf);
+        for (int64_t m0 = 0; m0 < M; m0 += LIN_MR_AVX2) {
+            int mr = (int)min64(LIN_MR_AVX2, M - m0);
+            if (wf)
+                mr == 2 ? linear_tile_f32_avx2(2, nr, x, wf, bias, y, m0, nb, N, K)
+                        : linear_tile_f32_avx2(1, nr, x, wf, bias, y, m0, nb, N, K);
             else
-                linear_tile_avx2(1, nr, x, wq, ws, bias, y, m0, nb, N, K, gn, gk, kb);
+                mr == 2 ? linear_tile_avx2(2, nr, x, wq, ws, bias, y, m0, nb, N, K, gn, gk, kb)
+                        : linear_tile_avx2(1, nr, x, wq, ws, bias, y, m0, nb, N, K, gn, gk, kb);
         }
     }
+    free(wf);
     return CQ_OK;
 }
 
@@ -745,7 +826,30 @@ done:
 }
 
 /* ------------------------------------------------------------------ AVX-512 weight-only linear */
-/* mr rows x LIN_NR weight rows (the last valid row repeats past nr): y = x (q*s)^T + bias. */
+/* y[m0+i, nb+j] = sum of acc[i][j]'s lanes (+ bias), j < nr. Every acc is reduced
+ * with constant indices so that the array stays in registers. */
+INLINE T_AVX512 void store_tile_avx512(int mr, int nr, __m512 acc[LIN_MR][LIN_NR], const float *bias,
+                                       float *y, int64_t m0, int64_t nb, int64_t N) {
+    for (int i = 0; i < mr; i++) {
+        float v[LIN_NR];
+        for (int j = 0; j < LIN_NR; j++)
+            v[j] = _mm512_reduce_add_ps(acc[i][j]);
+        for (int j = 0; j < nr; j++)
+            y[(m0 + i) * N + nb + j] = bias ? v[j] + bias[nb + j] : v[j];
+    }
+}
+
+/* LIN_NR weight rows' 16 int8 values from k as float32 (lanes outside m zero). */
+INLINE T_AVX512 void widen16_rows_avx512(const int8_t *const wr[LIN_NR], int64_t k, __mmask16 m,
+                                         __m512 w[LIN_NR]) {
+    for (int j = 0; j < LIN_NR; j++)
+        w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, wr[j] + k)));
+}
+
+/* mr rows x LIN_NR weight rows (the last valid row repeats past nr): y = x (q*s)^T + bias,
+ * as sum over groups of s * (x . q). Each group sums into fresh registers: an
+ * accumulator live across groups is spilled by GCC on every step (the int8 loads may
+ * alias it). */
 INLINE T_AVX512 void linear_tile_avx512(int mr, int nr, const float *x, const int8_t *wq, const float *ws,
                                         const float *bias, float *y, int64_t m0, int64_t nb, int64_t N,
                                         int64_t K, int64_t gn, int64_t gk, int64_t kb) {
@@ -760,40 +864,105 @@ INLINE T_AVX512 void linear_tile_avx512(int mr, int nr, const float *x, const in
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < LIN_NR; j++)
             acc[i][j] = _mm512_setzero_ps();
+    const float *x0 = x + m0 * K;
     for (int64_t g = 0; g < kb; g++) {
-        int64_t k_lo = g * gk, k_hi = min64(k_lo + gk, K);
-        __m512 vs[LIN_NR];
-        for (int j = 0; j < LIN_NR; j++)
-            vs[j] = _mm512_set1_ps(sr[j][g]);
-        for (int64_t k = k_lo; k < k_hi; k += 16) {
-            __mmask16 m = mask16(k_hi - k);
-            __m512 w[LIN_NR];
+        int64_t k_hi = min64(g * gk + gk, K), k = g * gk;
+        __m512 part[LIN_MR][LIN_NR], w[LIN_NR];
+        for (int i = 0; i < mr; i++)
             for (int j = 0; j < LIN_NR; j++)
-                w[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, wr[j] + k))), vs[j]);
+                part[i][j] = _mm512_setzero_ps();
+        for (; k + 16 <= k_hi; k += 16) {
+            widen16_rows_avx512(wr, k, 0xffff, w);
             for (int i = 0; i < mr; i++) {
-                __m512 xv = _mm512_maskz_loadu_ps(m, x + (m0 + i) * K + k);
+                __m512 xv = _mm512_loadu_ps(x0 + i * K + k);
                 for (int j = 0; j < LIN_NR; j++)
-                    acc[i][j] = _mm512_fmadd_ps(xv, w[j], acc[i][j]);
+                    part[i][j] = _mm512_fmadd_ps(xv, w[j], part[i][j]);
             }
         }
-    }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) {
-            float v = _mm512_reduce_add_ps(acc[i][j]);
-            y[(m0 + i) * N + nb + j] = bias ? v + bias[nb + j] : v;
+        if (k < k_hi) {
+            __mmask16 m = mask16(k_hi - k);
+            widen16_rows_avx512(wr, k, m, w);
+            for (int i = 0; i < mr; i++) {
+                __m512 xv = _mm512_maskz_loadu_ps(m, x0 + i * K + k);
+                for (int j = 0; j < LIN_NR; j++)
+                    part[i][j] = _mm512_fmadd_ps(xv, w[j], part[i][j]);
+            }
         }
+        for (int j = 0; j < LIN_NR; j++) {
+            __m512 vs = _mm512_set1_ps(sr[j][g]);
+            for (int i = 0; i < mr; i++)
+                acc[i][j] = _mm512_fmadd_ps(part[i][j], vs, acc[i][j]);
+        }
+    }
+    store_tile_avx512(mr, nr, acc, bias, y, m0, nb, N);
 }
 
-/* linear_int8_avx512: as linear_int8_ref, FMA over 16 lanes (agrees to float32 rounding). */
+/* Dequantize weight rows nb..nb+LIN_NR-1 (the last valid row repeats past nr) to
+ * float32 wf[j*ldw + k] = q * s, the reference's product. */
+INLINE T_AVX512 void dequantize_block_avx512(const int8_t *wq, const float *ws, int64_t nb, int nr,
+                                             int64_t K, int64_t gn, int64_t gk, int64_t kb, float *wf) {
+    for (int j = 0; j < LIN_NR; j++) {
+        int64_t n = nb + (j < nr ? j : nr - 1);
+        float *row = wf + j * scratch_stride(K);
+        dequantize_int8_avx512_dt(wq + n * K, ws + (n / gn) * kb, row, CQ_F32, 1, K, 1, gk, 0, 1);
+        memset(row + K, 0, (size_t)(scratch_stride(K) - K) * sizeof(float));
+    }
+}
+
+/* mr rows x LIN_NR float32 weight rows wf (row j at wf + j*scratch_stride(K)): y = x wf^T + bias. */
+INLINE T_AVX512 void linear_tile_f32_avx512(int mr, int nr, const float *x, const float *wf,
+                                            const float *bias, float *y, int64_t m0, int64_t nb,
+                                            int64_t N, int64_t K) {
+    __m512 acc[LIN_MR][LIN_NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < LIN_NR; j++)
+            acc[i][j] = _mm512_setzero_ps();
+    const float *x0 = x + m0 * K;
+    const int64_t ldw = scratch_stride(K);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) { /* unmasked: masked loads are slower here */
+        __m512 w[LIN_NR];
+        for (int j = 0; j < LIN_NR; j++)
+            w[j] = _mm512_loadu_ps(wf + j * ldw + k);
+        for (int i = 0; i < mr; i++) {
+            __m512 xv = _mm512_loadu_ps(x0 + i * K + k);
+            for (int j = 0; j < LIN_NR; j++)
+                acc[i][j] = _mm512_fmadd_ps(xv, w[j], acc[i][j]);
+        }
+    }
+    if (k < K) { /* the scratch is zero-padded, only x needs a mask */
+        __mmask16 m = mask16(K - k);
+        __m512 w[LIN_NR];
+        for (int j = 0; j < LIN_NR; j++)
+            w[j] = _mm512_maskz_loadu_ps(m, wf + j * ldw + k);
+        for (int i = 0; i < mr; i++) {
+            __m512 xv = _mm512_maskz_loadu_ps(m, x0 + i * K + k);
+            for (int j = 0; j < LIN_NR; j++)
+                acc[i][j] = _mm512_fmadd_ps(xv, w[j], acc[i][j]);
+        }
+    }
+    store_tile_avx512(mr, nr, acc, bias, y, m0, nb, N);
+}
+
+/* linear_int8_avx512: as linear_int8_ref, FMA over 16 lanes (agrees to float32 rounding).
+ * Up to LIN_MR rows it dequantizes in registers (one pass over the weight); above, each
+ * block of LIN_NR weight rows is dequantized once into scratch and reused by every tile. */
 static T_AVX512 int linear_int8_avx512(const float *restrict x, const int8_t *restrict wq,
                                        const float *restrict ws, const float *bias, float *restrict y,
                                        int64_t M, int64_t N, int64_t K, int64_t gn, int64_t gk,
                                        int64_t n0, int64_t n1) {
     const int64_t kb = CQ_CDIV(K, gk);
+    float *wf = NULL;
+    if (M > LIN_SCRATCH_M && !(wf = alloc64((size_t)LIN_NR * scratch_stride(K) * sizeof(float))))
+        return CQ_ENOMEM;
     for (int64_t nb = n0; nb < n1; nb += LIN_NR) {
         int nr = (int)min64(LIN_NR, n1 - nb);
+        if (wf)
+            dequantize_block_avx512(wq, ws, nb, nr, K, gn, gk, kb, wf);
         for (int64_t m0 = 0; m0 < M; m0 += LIN_MR) {
-#define TILE(R) linear_tile_avx512(R, nr, x, wq, ws, bias, y, m0, nb, N, K, gn, gk, kb)
+#define TILE(R)                                                                         \
+    (wf ? linear_tile_f32_avx512(R, nr, x, wf, bias, y, m0, nb, N, K)                   \
+        : linear_tile_avx512(R, nr, x, wq, ws, bias, y, m0, nb, N, K, gn, gk, kb))
             switch (min64(LIN_MR, M - m0)) {
             case 4: TILE(4); break;
             case 3: TILE(3); break;
@@ -803,6 +972,7 @@ static T_AVX512 int linear_int8_avx512(const float *restrict x, const int8_t *re
 #undef TILE
         }
     }
+    free(wf);
     return CQ_OK;
 }
 
@@ -846,6 +1016,17 @@ INLINE T_VNNI void vnni_corrections(const int8_t *xq, int64_t M, int64_t K, int6
         }
 }
 
+/* acc += per dword, sum of 4 products u8 w * s8 x (vpdpbusd). GCC 12 copies the
+ * accumulator twice around each _mm512_dpbusd_epi32 in a loop, so GCC gets asm. */
+INLINE T_VNNI __m512i dpbusd(__m512i acc, __m512i w, __m512i x) {
+#if defined(__clang__)
+    return _mm512_dpbusd_epi32(acc, w, x);
+#else
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+    return acc;
+#endif
+}
+
 /* Activation quad t of row xr (4 bytes; zero past k_end). */
 INLINE T_VNNI __m512i x_quad(const int8_t *xr, int64_t t, int64_t k_end) {
     int32_t v = 0;
@@ -875,8 +1056,8 @@ INLINE T_VNNI void gemm_tile_vnni(int mr, const uint8_t *panel, const float *wsc
                 int32_t quad;
                 memcpy(&quad, xr[i] + 4 * t, 4);
                 __m512i xb = _mm512_set1_epi32(quad);
-                acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], w0, xb);
-                acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], w1, xb);
+                acc[i][0] = dpbusd(acc[i][0], w0, xb);
+                acc[i][1] = dpbusd(acc[i][1], w1, xb);
             }
         }
         if (t_full * 4 < k_hi) { /* K ends inside a quad: read only its bytes */
@@ -884,8 +1065,8 @@ INLINE T_VNNI void gemm_tile_vnni(int mr, const uint8_t *panel, const float *wsc
             __m512i w0 = _mm512_load_si512(p), w1 = _mm512_load_si512(p + 64);
             for (int i = 0; i < mr; i++) {
                 __m512i xb = x_quad(xr[i], t_full, k_hi);
-                acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], w0, xb);
-                acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], w1, xb);
+                acc[i][0] = dpbusd(acc[i][0], w0, xb);
+                acc[i][1] = dpbusd(acc[i][1], w1, xb);
             }
         }
         for (int i = 0; i < mr; i++)
