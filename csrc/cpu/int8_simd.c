@@ -35,9 +35,6 @@
 #define LIN_MR 4   /* weight-only linear: activation rows per tile (AVX-512; AVX2 below) */
 #define LIN_NR 4   /* weight rows per tile */
 #define LIN_SCRATCH_M 8 /* weight-only linear: above this many rows, dequantize blocks to scratch */
-#define LIN_SCRATCH_M 8 /* weight-only linear: above this many rows, dequantize blocks to scratch */
-#define LIN_SCRATCH_M 8 /* weight-only linear: above this many rows, dequantize blocks to scratch */
-#define LIN_SCRATCH_M 8 /* weight-only linear: above this many rows, dequantize blocks to scratch */
 
 /* ================================================================== shared scalar pieces */
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
