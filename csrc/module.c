@@ -78,8 +78,9 @@ static int check_ptr(unsigned long long p, int dtype, const char *name, int requ
     }
     int size = cq_dtype_size(dtype);
     if (size > 1 && p % (unsigned long long)size != 0) {
-        PyErr_Format(PyExc_ValueError, "%s: pointer 0x%llx not aligned to its %d-byte elements",
-                     name, p, size);
+        /* %p: PyUnicode_FromFormat knows no %llx before Python 3.12 */
+        PyErr_Format(PyExc_ValueError, "%s: pointer %p not aligned to its %d-byte elements", name,
+                     (void *)(uintptr_t)p, size);
         return -1;
     }
     return 0;
