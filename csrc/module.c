@@ -410,7 +410,7 @@ static PyObject *py_gemm_int8(PyObject *module, PyObject *args) {
         status = st->cuda->gemm_int8(c.xq, c.xs, c.wq, c.ws, PTR(bias), PTR(y), y_dtype, M, N, K,
                                      xs_groups, gn, gk, STREAM(stream));
     else
-        status = cq_parallel_for(N, 1, nthreads, min_units(M * K), range_gemm_int8, &c);
+        status = cq_parallel_for(N, 32, nthreads, min_units(M * K), range_gemm_int8, &c); /* 32: SIMD panel */
     Py_END_ALLOW_THREADS
     return raise_status(st, status, "gemm_int8", -1);
 }
@@ -445,7 +445,7 @@ static PyObject *py_linear_int8(PyObject *module, PyObject *args) {
         status = st->cuda->linear_int8(c.x, dtype, c.packed, c.scale, PTR(bias), PTR(y), M, N, K, gn, gk,
                                        STREAM(stream));
     else
-        status = cq_parallel_for(N, 1, nthreads, min_units(M * K), range_linear_int8, &c);
+        status = cq_parallel_for(N, 4, nthreads, min_units(M * K), range_linear_int8, &c); /* 4: SIMD tile */
     Py_END_ALLOW_THREADS
     return raise_status(st, status, "linear_int8", -1);
 }
