@@ -57,6 +57,13 @@ static inline int tile_scale(uint32_t amax_bits, float *s) {
 /* 64-byte aligned scratch of at least `bytes` (never a zero-size request). */
 static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes / 64 + 1) * 64); }
 
+/* Activation rows per GEMM chunk: the chunk's int8 rows (~512 KiB) stay in L2 while every
+ * weight panel passes over them; each panel is repacked once per chunk. */
+static inline int64_t gemm_chunk_rows(int64_t K) {
+    int64_t rows = (512 * 1024 / K) / GEMM_MR * GEMM_MR;
+    return rows < 64 ? 64 : rows;
+}
+
 /* -128 * sum, modulo 2^32: the VNNI correction of one (row, group). */
 static inline int32_t vnni_correction(int64_t sum) {
     return (int32_t)(uint32_t)((uint64_t)(-sum) * 128u);
@@ -341,14 +348,15 @@ static T_AVX2 int gemm_int8_avx2(const int8_t *restrict xq, const float *restric
         status = CQ_ENOMEM;
         goto done;
     }
+    for (int64_t mc = 0; mc < M; mc += gemm_chunk_rows(K))
     for (int64_t nb = n0; nb < n1; nb += 16) {
-        int64_t ncols = min64(16, n1 - nb);
+        int64_t ncols = min64(16, n1 - nb), m_end = min64(M, mc + gemm_chunk_rows(K));
         pack_panel_i16_avx2(wq, K, nb, ncols, panel);
         for (int64_t g = 0; g < kb; g++)
             for (int64_t c = 0; c < 16; c++)
                 wsc[g * 16 + c] = c < ncols ? ws[((nb + c) / gn) * kb + g] : 0.0f;
-        for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {
-            int mr = (int)min64(GEMM_MR, M - m0);
+        for (int64_t m0 = mc; m0 < m_end; m0 += GEMM_MR) {
+            int mr = (int)min64(GEMM_MR, m_end - m0);
             widen_rows_avx2(xq, K, m0, mr, kpad, x16);
 #define TILE(R) gemm_tile_avx2(R, panel, wsc, x16, kpad, xs, xs_groups, bias, y, m0, N, K, kb, gk, nb, ncols)
             switch (mr) {
@@ -798,12 +806,13 @@ static T_AVX512 int gemm_int8_avx512(const int8_t *restrict xq, const float *res
         status = CQ_ENOMEM;
         goto done;
     }
+    for (int64_t mc = 0; mc < M; mc += gemm_chunk_rows(K))
     for (int64_t nb = n0; nb < n1; nb += PANEL_N) {
-        int64_t ncols = min64(PANEL_N, n1 - nb);
+        int64_t ncols = min64(PANEL_N, n1 - nb), m_end = min64(M, mc + gemm_chunk_rows(K));
         pack_panel_i16_avx512(wq, K, nb, ncols, panel);
         panel_scales(ws, nb, ncols, gn, kb, wsc);
-        for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {
-            int mr = (int)min64(GEMM_MR, M - m0);
+        for (int64_t m0 = mc; m0 < m_end; m0 += GEMM_MR) {
+            int mr = (int)min64(GEMM_MR, m_end - m0);
             widen_rows_avx512(xq, K, m0, mr, kpad, x16);
 #define TILE(R) gemm_tile_i16_avx512(R, panel, wsc, x16, kpad, xs, xs_groups, bias, y, m0, N, K, kb, gk, nb, ncols)
             switch (mr) {
@@ -1092,13 +1101,14 @@ static T_VNNI int gemm_int8_avx512vnni(const int8_t *restrict xq, const float *r
         goto done;
     }
     vnni_corrections(xq, M, K, gk, kb, corr);
+    for (int64_t mc = 0; mc < M; mc += gemm_chunk_rows(K))
     for (int64_t nb = n0; nb < n1; nb += PANEL_N) {
-        int64_t ncols = min64(PANEL_N, n1 - nb);
+        int64_t ncols = min64(PANEL_N, n1 - nb), m_end = min64(M, mc + gemm_chunk_rows(K));
         pack_panel_vnni(wq, K, nb, ncols, panel);
         panel_scales(ws, nb, ncols, gn, kb, wsc);
-        for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {
+        for (int64_t m0 = mc; m0 < m_end; m0 += GEMM_MR) {
 #define TILE(R) gemm_tile_vnni(R, panel, wsc, xq, xs, xs_groups, corr, bias, y, m0, N, K, kb, gk, nb, ncols)
-            switch (min64(GEMM_MR, M - m0)) {
+            switch (min64(GEMM_MR, m_end - m0)) {
             case 4: TILE(4); break;
             case 3: TILE(3); break;
             case 2: TILE(2); break;
