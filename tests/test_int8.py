@@ -330,8 +330,9 @@ def test_linear_weight_only(cpu_level, layout, dtype):
     # machine epsilon: both sides round to dtype once and may land one ulp apart
     eps = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
     tiny = 2.0**-24 if dtype == torch.float16 else 0.0  # float16 subnormal spacing
+    fused_max = ops.FUSED_MAX_M_INT8["cpu"][dtype]
     for (N, K), g, lead in [((33, 257), 32, (1,)), ((65, 130), 64, (3, 2)), ((7, 1), 32, (2,)), ((40, 512), 128, (70,)),
-                            ((9, 300), 32, (ops.FUSED_MAX_M_INT8["cpu"],)), ((9, 300), 32, (ops.FUSED_MAX_M_INT8["cpu"] + 1,))]:
+                            ((9, 300), 32, (fused_max,)), ((9, 300), 32, (fused_max + 1,))]:
         g = group_of(layout, g)
         q, s = reference.quantize_int8(weight(N, K, torch.float32), layout, g)
         x = torch.randn(*lead, K).to(dtype)
@@ -344,7 +345,7 @@ def test_linear_weight_only(cpu_level, layout, dtype):
         w = reference.dequantize_int8(q, s, layout, g, torch.float32)
         bound = weight_only_bound(x2, w) + 2 * U * (x2.double() @ w.double().t() + bias.double()).abs()
         bound = bound + eps * yr.reshape(-1, N).double().abs() + tiny
-        if x2.shape[0] > ops.FUSED_MAX_M_INT8["cpu"]:
+        if x2.shape[0] > fused_max:
             bound = bound + eps * (x2.double().abs() @ w.double().abs().t())
         diff = (y.reshape(-1, N).double() - yr.reshape(-1, N).double()).abs()
         assert bool((diff <= bound).all()), f"{layout} {N}x{K} lead={lead}: max excess {(diff - bound).max()}"
