@@ -3,8 +3,10 @@ the ratio to the reference C level, plus torch's float32/bf16 linear for scale.
 
     python3 bench/cpu_int8_levels.py [--threads N] [--shapes 3072x3072,3072x12288] [--m 1,16,256]
 
-Bytes counted: quantize reads x and writes q (+ scales); dequantize reads q and writes y;
-linear reads the int8 weight once (N*K bytes) per call. A benchmark, not a test.
+Bytes counted: quantize reads x and writes q; dequantize reads q and writes y (both
+called on preallocated tensors); linear counts the int8 weight once (N*K bytes) per call;
+"W8A8 op" is ops.linear_int8(act_quant=True) including the activation quantization.
+A benchmark, not a test; the ref level is skipped at M >= 256 (minutes of scalar code).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from comfy_quant_native import layouts as L  # noqa: E402
 from comfy_quant_native import ops  # noqa: E402
 
 C = ops._C
@@ -54,35 +57,41 @@ def main():
             g = None if layout == "int8_row" else 128
             q, s = ops.quantize_int8(w, layout, g)
             rows = []
+            gn, gk = L.int8_tile(layout, g, K)
+            # quantize / dequantize: the kernels on preallocated tensors (a fresh 37 MB
+            # torch.empty per call costs page faults, not kernel time)
             for dt in (torch.float32, torch.bfloat16):
-                wd = w.to(dt)
+                wd, qo, so, yo = w.to(dt), torch.empty_like(q), torch.empty_like(s), torch.empty(N, K, dtype=dt)
+                code = L.DTYPE_CODES[dt]
                 rows.append((f"quantize {layout} {str(dt)[6:]}", 1, N * K * (wd.element_size() + 1),
-                             lambda wd=wd: ops.quantize_int8(wd, layout, g)))
+                             lambda wd=wd, qo=qo, so=so, code=code: C.quantize_int8(
+                                 wd.data_ptr(), code, qo.data_ptr(), so.data_ptr(), N, K, gn, gk, 0, 0, args.threads)))
                 rows.append((f"dequantize {layout} {str(dt)[6:]}", 1, N * K * (wd.element_size() + 1),
-                             lambda dt=dt: ops.dequantize_int8(q, s, layout, g, dt)))
+                             lambda yo=yo, code=code: C.dequantize_int8(
+                                 q.data_ptr(), s.data_ptr(), yo.data_ptr(), code, N, K, gn, gk, 0, 0, args.threads)))
             for M in (int(m) for m in args.m.split(",")):
                 x = torch.randn(M, K)
-                rows.append((f"W8A8 {layout}", M, N * K, lambda x=x: ops.linear_int8(x, q, s, layout, g, None, True)))
-                if M <= 64:
-                    y = torch.empty(M, N)
-                    gn, gk = (g, g) if layout == "int8_block" else (1, g or K)
+                y = torch.empty(M, N)
+                rows.append((f"W8A8 op {layout}", M, N * K, lambda x=x: ops.linear_int8(x, q, s, layout, g, None, True)))
 
-                    def fused(x=x, y=y, M=M, gn=gn, gk=gk):
-                        C.linear_int8(x.data_ptr(), 0, q.data_ptr(), s.data_ptr(), 0, y.data_ptr(), M, N, K,
-                                      gn, gk, 0, 0, args.threads)
-                    rows.append((f"weight-only fused {layout}", M, N * K, fused))
+                def fused(x=x, y=y, M=M):
+                    C.linear_int8(x.data_ptr(), 0, q.data_ptr(), s.data_ptr(), 0, y.data_ptr(), M, N, K,
+                                  gn, gk, 0, 0, args.threads)
+                rows.append((f"linear weight-only {layout}", M, N * K, fused))
             for name, M, nbytes, fn in rows:
-                cells, base = [], None
+                cells, base, best = [], None, None
                 for lv in levels:
                     C.set_cpu_level(lv)
-                    if lv == "ref" and ("W8A8" in name and M >= 256):
+                    if lv == "ref" and M >= 256:
                         cells.append(f"{'-':>12}")  # scalar GEMM takes minutes
                         continue
                     t = best_time(fn, min_s=0.2 if lv == "ref" else 0.4)
                     gbs = nbytes / t / 1e9
                     base = base or (t if lv == "ref" else None)
+                    best = t if best is None else min(best, t)
                     cells.append(f"{gbs:7.2f}" + (f" x{base / t:<3.0f}" if base and lv != "ref" else "    "))
-                print(f"{name:<28}{shape:>12}{M:>5} " + "".join(cells))
+                ops_note = f"  {2 * M * N * K / best / 1e9:6.0f} GOP/s" if "linear" in name or "W8A8" in name else ""
+                print(f"{name:<28}{shape:>12}{M:>5} " + "".join(cells) + ops_note)
             C.set_cpu_level(default)
         for M in (int(m) for m in args.m.split(",")):
             x = torch.randn(M, K)

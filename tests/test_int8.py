@@ -233,6 +233,7 @@ def _gemm_ref_exact(xq, xs, wq, ws, bias, gn, gk):
     (1, 1, 1, 1, 1), (3, 5, 7, 1, 3), (5, 33, 130, 2, 6), (9, 40, 96, 1, 32), (4, 31, 4, 4, 4),
     (6, 70, 1000, 64, 64), (2, 17, 257, 1, 257), (13, 65, 300, 32, 32), (1, 100, 4097, 1, 4097),
     (70, 33, 8200, 32, 32), (150, 20, 4097, 1, 4097),  # more rows than one L2 chunk of the GEMM
+    (1, 40, 1000, 32, 32), (1, 20, 100, 1, 6), (2, 50, 300, 3, 64),  # unpacked small-M path, several groups
 ])
 def test_kernel_gemm_int8_full_range(cpu_level, M, N, K, gn, gk):
     """gemm_int8 with every int8 value, -128 included, odd group widths, xs per token and

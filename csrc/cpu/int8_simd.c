@@ -32,6 +32,7 @@
 
 #define GEMM_MR 4  /* activation rows per GEMM micro-tile */
 #define PANEL_N 32 /* weight rows per packed GEMM panel */
+#define GEMM_SMALL_M 2 /* VNNI GEMM: up to this many rows, no packing (groups >= 64) */
 #define LIN_MR 4   /* weight-only linear: activation rows per tile (AVX-512; AVX2 below) */
 #define LIN_NR 4   /* weight rows per tile */
 #define LIN_SCRATCH_M 8 /* weight-only linear: above this many rows, dequantize blocks to scratch */
@@ -1082,6 +1083,78 @@ INLINE T_VNNI void gemm_tile_vnni(int mr, const uint8_t *panel, const float *wsc
         store_row_avx512(y + (m0 + i) * N + nb, bias ? bias + nb : NULL, yf[i], ncols);
 }
 
+/* Lane r of the result = sum of the 16 lanes of a[r] (int32, wrapping): 45 ops. */
+INLINE T_VNNI __m512i reduce16_epi32(const __m512i a[16]) {
+    __m512i u[8], v[4];
+    for (int i = 0; i < 8; i++) /* 128-bit lane L: [a0+a2, b0+b2, a1+a3, b1+b3] of rows 2i, 2i+1 */
+        u[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]),
+                                _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* lane L: the lane-L sums of rows 4i..4i+3 */
+        v[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(u[2 * i], u[2 * i + 1]),
+                                _mm512_unpackhi_epi64(u[2 * i], u[2 * i + 1]));
+    __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(v[0], v[1], 0x88), _mm512_shuffle_i32x4(v[0], v[1], 0xdd));
+    __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2], v[3], 0x88), _mm512_shuffle_i32x4(v[2], v[3], 0xdd));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, 0x88), _mm512_shuffle_i32x4(w0, w1, 0xdd));
+}
+
+/* Small M without packing: 16 weight rows at a time, each row's K-slice dotted with the
+ * activation row (weights as the unsigned operand, w ^ 0x80), the 16 accumulators
+ * reduced to one vector of 16 row dots per group, then the reference's epilogue. */
+static T_VNNI int gemm_small_m_vnni(const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
+                                    const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                                    int64_t xs_groups, int64_t gn, int64_t gk, int64_t n0, int64_t n1) {
+    const int64_t kb = CQ_CDIV(K, gk);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    float *wsc = alloc64((size_t)kb * 16 * sizeof(float));
+    int32_t *corr = alloc64((size_t)M * kb * sizeof(int32_t));
+    if (!wsc || !corr) {
+        free(wsc);
+        free(corr);
+        return CQ_ENOMEM;
+    }
+    vnni_corrections(xq, M, K, gk, kb, corr);
+    for (int64_t nb = n0; nb < n1; nb += 16) {
+        int64_t ncols = min64(16, n1 - nb);
+        const int8_t *wr[16];
+        for (int r = 0; r < 16; r++)
+            wr[r] = wq + (nb + (r < ncols ? r : ncols - 1)) * K;
+        for (int64_t g = 0; g < kb; g++)
+            for (int r = 0; r < 16; r++)
+                wsc[g * 16 + r] = r < ncols ? ws[((nb + r) / gn) * kb + g] : 0.0f;
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xr = xq + m * K;
+            __m512 yf = _mm512_setzero_ps();
+            for (int64_t g = 0; g < kb; g++) {
+                int64_t k = g * gk, k_hi = min64(k + gk, K);
+                __m512i acc[16];
+                for (int r = 0; r < 16; r++)
+                    acc[r] = _mm512_setzero_si512();
+                for (; k + 64 <= k_hi; k += 64) {
+                    __m512i xv = _mm512_loadu_si512(xr + k);
+                    for (int r = 0; r < 16; r++)
+                        acc[r] = dpbusd(acc[r], _mm512_xor_si512(_mm512_loadu_si512(wr[r] + k), flip), xv);
+                }
+                if (k < k_hi) { /* x is zero past k_hi, so the weight bytes there add nothing */
+                    __mmask64 m8 = mask64(k_hi - k);
+                    __m512i xv = _mm512_maskz_loadu_epi8(m8, xr + k);
+                    for (int r = 0; r < 16; r++)
+                        acc[r] = dpbusd(acc[r], _mm512_xor_si512(_mm512_maskz_loadu_epi8(m8, wr[r] + k), flip), xv);
+                }
+                __m512i dot = _mm512_add_epi32(reduce16_epi32(acc), _mm512_set1_epi32(corr[m * kb + g]));
+                __m512 xsv = _mm512_set1_ps(xs[m * xs_groups + (xs_groups > 1 ? g : 0)]);
+                yf = _mm512_add_ps(yf, _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(xsv, _mm512_load_ps(wsc + g * 16))));
+            }
+            __mmask16 mk = mask16(ncols);
+            if (bias)
+                yf = _mm512_add_ps(yf, _mm512_maskz_loadu_ps(mk, bias + nb));
+            _mm512_mask_storeu_ps(y + m * N + nb, mk, yf);
+        }
+    }
+    free(wsc);
+    free(corr);
+    return CQ_OK;
+}
+
 /* gemm_int8_avx512vnni: as gemm_int8_ref, int32 dots by vpdpbusd (w + 128, minus
  * 128 * sum x); bit-identical. */
 static T_VNNI int gemm_int8_avx512vnni(const int8_t *restrict xq, const float *restrict xs,
@@ -1090,6 +1163,10 @@ static T_VNNI int gemm_int8_avx512vnni(const int8_t *restrict xq, const float *r
                                        int64_t K, int64_t xs_groups, int64_t gn, int64_t gk,
                                        int64_t n0, int64_t n1) {
     const int64_t kb = CQ_CDIV(K, gk), quads = CQ_CDIV(K, 64) * 16;
+    /* packing costs more than it saves; with narrow groups the per-group reduction of
+     * the direct path wins only for one row */
+    if (M == 1 || (M <= GEMM_SMALL_M && (gk >= 64 || kb == 1)))
+        return gemm_small_m_vnni(xq, xs, wq, ws, bias, y, M, N, K, xs_groups, gn, gk, n0, n1);
     if (kb > 1 && gk % 4) /* quads would straddle groups */
         return cq_int8_ref.gemm_int8(xq, xs, wq, ws, bias, y, M, N, K, xs_groups, gn, gk, n0, n1);
     uint8_t *panel = alloc64((size_t)quads * PANEL_N * 4);
