@@ -145,6 +145,14 @@ def _nthreads() -> int:
 
 # Fused small-M kernels up to this many tokens; above, dequantize + torch GEMM.
 FUSED_MAX_M = {"cpu": 4, "cuda": 16}
+# int8 weight-only: per activation dtype. On the CPU the other path dequantizes a weight in
+# x's dtype for torch's GEMM; float32 pays for a 4-byte weight and torch's slower float32
+# GEMM, so the fused kernel stays ahead to ~512 tokens, bf16/fp16 to ~32 (measured on
+# 3072x3072 and 12288x3072, 2-core EPYC, docs/BENCHMARKS.md).
+FUSED_MAX_M_INT8 = {
+    "cpu": {torch.float32: 512, torch.bfloat16: 32, torch.float16: 32},
+    "cuda": {torch.float32: 16, torch.bfloat16: 16, torch.float16: 16},
+}
 
 # ----------------------------------------------------------------------------- validation
 def _fail(name: str, what: str, expected, got) -> None:
@@ -392,7 +400,7 @@ def _linear_int8(x, q, scale, layout, group_size, bias, act_quant) -> torch.Tens
                      0 if b is None else b.data_ptr(), y.data_ptr(), L.DTYPE_CODES[out_dtype],
                      M, N, K, xs.shape[1], gn, gk, dev, stream, _nthreads())
         return y.to(x.dtype).reshape(*lead, N)
-    if M > FUSED_MAX_M[backend]:
+    if M > FUSED_MAX_M_INT8[backend][x.dtype]:
         w = _dequantize_int8(q, scale, layout, group_size, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(M, K).to(out_dtype).contiguous()
