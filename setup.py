@@ -103,6 +103,8 @@ class BuildExt(build_ext):
             "-lineinfo",
             *gencode_flags(archs),
         ]
+        if "90a" in [a.strip() for a in archs.replace(",", ";").split(";")]:
+            common.append("-DCQ_HAVE_SM90A=1")  # gemm_int8_sm90.cu: wgmma + TMA kernels
         cutlass = cutlass_include()
         if cutlass:
             common.append("-I" + cutlass)
@@ -129,7 +131,7 @@ class BuildExt(build_ext):
 
 
 def newest_header() -> float:
-    return max(p.stat().st_mtime for p in CSRC.rglob("*.h*"))
+    return max(p.stat().st_mtime for p in CSRC.rglob("*") if p.suffix in (".h", ".cuh"))
 
 
 def cutlass_include() -> str | None:

@@ -72,6 +72,27 @@ def _load_cuda() -> None:
 
 _load_cuda()
 
+# Kernel variants of the CUDA backend, forced by tests and bench/gpu_ops.py (0 = automatic).
+CUDA_KNOBS = {"gemm_int8": 0, "linear_4bit": 1, "split_k": 2, "skinny_tile": 3, "linear_int8": 4}
+
+
+def cuda_kernel_variant(knob: str, value: int) -> int:
+    """Force a variant of the CUDA kernels (csrc/cuda/common.cuh, enum Knob); returns the
+    previous value. For tests and benchmarks: the automatic choice (0) is the product path."""
+    if _CUDA_REASON is not None:
+        raise RuntimeError(f"CUDA kernels unavailable: {_CUDA_REASON}")
+    import ctypes
+
+    lib = ctypes.CDLL(_CUDA_SO)  # the same loaded object as _C's, so the same state
+    return int(lib.cq_cuda_set_variant(CUDA_KNOBS[knob], int(value)))
+
+
+# COMFY_QUANT_CUDA_VARIANTS="gemm_int8=3,split_k=2": the same, from the environment (debugging).
+if _CUDA_REASON is None and os.environ.get("COMFY_QUANT_CUDA_VARIANTS"):
+    for _item in os.environ["COMFY_QUANT_CUDA_VARIANTS"].split(","):
+        _k, _, _v = _item.partition("=")
+        cuda_kernel_variant(_k.strip(), int(_v))
+
 BACKENDS = ("cuda", "cpu", "reference")
 _forced = threading.local()
 
@@ -124,6 +145,14 @@ def _nthreads() -> int:
 
 # Fused small-M kernels up to this many tokens; above, dequantize + torch GEMM.
 FUSED_MAX_M = {"cpu": 4, "cuda": 16}
+# int8 weight-only: per activation dtype. On the CPU the other path dequantizes a weight in
+# x's dtype for torch's GEMM; float32 pays for a 4-byte weight and torch's slower float32
+# GEMM, so the fused kernel stays ahead to ~512 tokens, bf16/fp16 to ~32 (measured on
+# 3072x3072 and 12288x3072, 2-core EPYC, docs/BENCHMARKS.md).
+FUSED_MAX_M_INT8 = {
+    "cpu": {torch.float32: 512, torch.bfloat16: 32, torch.float16: 32},
+    "cuda": {torch.float32: 16, torch.bfloat16: 16, torch.float16: 16},
+}
 
 # ----------------------------------------------------------------------------- validation
 def _fail(name: str, what: str, expected, got) -> None:
@@ -371,7 +400,7 @@ def _linear_int8(x, q, scale, layout, group_size, bias, act_quant) -> torch.Tens
                      0 if b is None else b.data_ptr(), y.data_ptr(), L.DTYPE_CODES[out_dtype],
                      M, N, K, xs.shape[1], gn, gk, dev, stream, _nthreads())
         return y.to(x.dtype).reshape(*lead, N)
-    if M > FUSED_MAX_M[backend]:
+    if M > FUSED_MAX_M_INT8[backend][x.dtype]:
         w = _dequantize_int8(q, scale, layout, group_size, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(M, K).to(out_dtype).contiguous()

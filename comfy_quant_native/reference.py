@@ -126,7 +126,10 @@ def quantize_int8_tiles(x2d: torch.Tensor, gn: int, gk: int) -> tuple[torch.Tens
     xf = x2d.float()
     nb, kb = math.ceil(N / gn), math.ceil(K / gk)
     tiles = _pad_to(xf, nb * gn, kb * gk).view(nb, gn, kb, gk)
-    scale = tiles.abs().amax(dim=(1, 3)) / L.INT8_QMAX
+    amax = tiles.abs().amax(dim=(1, 3))
+    # A true division on every device: torch's CUDA division by a Python number
+    # multiplies by its reciprocal, which is one rounding off the contract.
+    scale = amax / torch.full_like(amax, float(L.INT8_QMAX))
     _check_finite(scale.reshape(-1), "tensor")
     s = _expand_scale(scale, gn, gk, N, K)
     q = torch.where(s > 0, torch.round(xf / s), torch.zeros_like(xf))

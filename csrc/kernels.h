@@ -6,7 +6,8 @@
  * scales, sizes, range. Pointers are restrict and non-null unless said; all
  * counts are int64_t. Each returns a cq_status and never touches Python.
  *
- * Variants: *_ref (portable scalar C, canonical, always built), *_avx2, *_avx512.
+ * Variants: *_ref (portable scalar C, canonical, always built), *_avx2, *_avx512,
+ * *_avx512vnni.
  * A variant that is not compiled for this machine is NULL in its table and the
  * reference fills in. Quantize and dequantize variants are bit-identical to *_ref;
  * linear variants agree to float32 rounding (summation order differs).
@@ -102,10 +103,17 @@ typedef struct cq_cpu_kernels {
 
 /* Tables of each family; an entry is NULL where the variant has no own version. */
 extern const cq_cpu_kernels cq_nf4_fp4_ref, cq_nf4_fp4_avx2, cq_nf4_fp4_avx512;
-extern const cq_cpu_kernels cq_int8_ref, cq_int8_avx2, cq_int8_avx512;
+extern const cq_cpu_kernels cq_int8_ref, cq_int8_avx2, cq_int8_avx512, cq_int8_avx512vnni;
 
-/* Level names in increasing order; cq_cpu_level_supported() says what this CPU runs. */
-enum cq_cpu_level { CQ_CPU_REF = 0, CQ_CPU_AVX2 = 1, CQ_CPU_AVX512 = 2, CQ_CPU_LEVELS = 3 };
+/* Level names in increasing order; cq_cpu_level_supported() says what this CPU runs.
+ * avx512vnni is avx512 plus VNNI (vpdpbusd), which only the int8 GEMM uses. */
+enum cq_cpu_level {
+    CQ_CPU_REF = 0,
+    CQ_CPU_AVX2 = 1,
+    CQ_CPU_AVX512 = 2,
+    CQ_CPU_AVX512_VNNI = 3,
+    CQ_CPU_LEVELS = 4
+};
 int cq_cpu_level_supported(int level);
 /* Fill *out with the kernels of `level`, each NULL entry taken from the next lower level. */
 void cq_cpu_kernels_for_level(int level, cq_cpu_kernels *out);

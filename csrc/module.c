@@ -39,7 +39,7 @@ typedef struct {
 
 static module_state *get_state(PyObject *module) { return (module_state *)PyModule_GetState(module); }
 
-static const char *const level_names[CQ_CPU_LEVELS] = {"ref", "avx2", "avx512"};
+static const char *const level_names[CQ_CPU_LEVELS] = {"ref", "avx2", "avx512", "avx512vnni"};
 
 static void set_level(module_state *st, int level) {
     cq_cpu_kernels_for_level(level, &st->kernels);
@@ -78,8 +78,9 @@ static int check_ptr(unsigned long long p, int dtype, const char *name, int requ
     }
     int size = cq_dtype_size(dtype);
     if (size > 1 && p % (unsigned long long)size != 0) {
-        PyErr_Format(PyExc_ValueError, "%s: pointer 0x%llx not aligned to its %d-byte elements",
-                     name, p, size);
+        /* %p: PyUnicode_FromFormat knows no %llx before Python 3.12 */
+        PyErr_Format(PyExc_ValueError, "%s: pointer %p not aligned to its %d-byte elements", name,
+                     (void *)(uintptr_t)p, size);
         return -1;
     }
     return 0;
@@ -409,7 +410,7 @@ static PyObject *py_gemm_int8(PyObject *module, PyObject *args) {
         status = st->cuda->gemm_int8(c.xq, c.xs, c.wq, c.ws, PTR(bias), PTR(y), y_dtype, M, N, K,
                                      xs_groups, gn, gk, STREAM(stream));
     else
-        status = cq_parallel_for(N, 1, nthreads, min_units(M * K), range_gemm_int8, &c);
+        status = cq_parallel_for(N, 32, nthreads, min_units(M * K), range_gemm_int8, &c); /* 32: SIMD panel */
     Py_END_ALLOW_THREADS
     return raise_status(st, status, "gemm_int8", -1);
 }
@@ -444,7 +445,7 @@ static PyObject *py_linear_int8(PyObject *module, PyObject *args) {
         status = st->cuda->linear_int8(c.x, dtype, c.packed, c.scale, PTR(bias), PTR(y), M, N, K, gn, gk,
                                        STREAM(stream));
     else
-        status = cq_parallel_for(N, 1, nthreads, min_units(M * K), range_linear_int8, &c);
+        status = cq_parallel_for(N, 4, nthreads, min_units(M * K), range_linear_int8, &c); /* 4: SIMD tile */
     Py_END_ALLOW_THREADS
     return raise_status(st, status, "linear_int8", -1);
 }
@@ -522,14 +523,14 @@ static int level_from_name(const char *name) {
     return -1;
 }
 
-/* set_cpu_level(name): force a SIMD level ("ref", "avx2", "avx512") for tests. */
+/* set_cpu_level(name): force a SIMD level ("ref", "avx2", "avx512", "avx512vnni") for tests. */
 static PyObject *py_set_cpu_level(PyObject *module, PyObject *args) {
     const char *name;
     if (!PyArg_ParseTuple(args, "s", &name))
         return NULL;
     int level = level_from_name(name);
     if (level < 0)
-        return PyErr_Format(PyExc_ValueError, "unknown CPU level %R; known: ref, avx2, avx512",
+        return PyErr_Format(PyExc_ValueError, "unknown CPU level %R; known: ref, avx2, avx512, avx512vnni",
                             PyTuple_GetItem(args, 0));
     if (!cq_cpu_level_supported(level))
         return PyErr_Format(PyExc_ValueError, "this CPU does not support level %s", name);
@@ -622,7 +623,7 @@ static int module_exec(PyObject *module) {
         int f = level_from_name(forced);
         if (f < 0 || !cq_cpu_level_supported(f)) {
             PyErr_Format(PyExc_ImportError,
-                         "COMFY_QUANT_CPU=%s is not a level this CPU runs (ref, avx2, avx512)", forced);
+                         "COMFY_QUANT_CPU=%s is not a level this CPU runs (ref, avx2, avx512, avx512vnni)", forced);
             return -1;
         }
         level = f;

@@ -21,9 +21,9 @@ def pytest_collection_modifyitems(config, items):
     cuda_reason = _cuda_reason()
     comfy_reason = None if os.environ.get("COMFYUI_PATH") else "COMFYUI_PATH not set (a ComfyUI checkout)"
     for item in items:
-        if cuda_reason and "cuda" in item.keywords:
+        if cuda_reason and item.get_closest_marker("cuda"):
             item.add_marker(pytest.mark.skip(reason=f"CUDA: {cuda_reason}"))
-        if comfy_reason and "comfyui" in item.keywords:
+        if comfy_reason and item.get_closest_marker("comfyui"):
             item.add_marker(pytest.mark.skip(reason=comfy_reason))
 
 

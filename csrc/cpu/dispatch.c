@@ -16,14 +16,19 @@ int cq_cpu_level_supported(int level) {
         __builtin_cpu_init();
         return cq_cpu_level_supported(CQ_CPU_AVX2) && __builtin_cpu_supports("avx512f") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    case CQ_CPU_AVX512_VNNI:
+        __builtin_cpu_init();
+        return cq_cpu_level_supported(CQ_CPU_AVX512) && __builtin_cpu_supports("avx512vnni");
 #endif
     default:
         return 0;
     }
 }
 
-/* Overlay the non-NULL entries of `t` on `out`. */
+/* Overlay the non-NULL entries of `t` (if any) on `out`. */
 static void overlay(cq_cpu_kernels *out, const cq_cpu_kernels *t) {
+    if (!t)
+        return;
 #define TAKE(f) \
     if (t->f)   \
     out->f = t->f
@@ -43,8 +48,9 @@ void cq_cpu_kernels_for_level(int level, cq_cpu_kernels *out) {
         {&cq_nf4_fp4_ref, &cq_int8_ref},
         {&cq_nf4_fp4_avx2, &cq_int8_avx2},
         {&cq_nf4_fp4_avx512, &cq_int8_avx512},
+        {NULL, &cq_int8_avx512vnni}, /* VNNI serves only the int8 GEMM */
     };
-    static const char *const names[CQ_CPU_LEVELS] = {"ref", "avx2", "avx512"};
+    static const char *const names[CQ_CPU_LEVELS] = {"ref", "avx2", "avx512", "avx512vnni"};
     *out = (cq_cpu_kernels){0};
     for (int l = 0; l <= level && l < CQ_CPU_LEVELS; l++)
         for (int f = 0; f < 2; f++)

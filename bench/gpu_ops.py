@@ -1,0 +1,378 @@
+"""GPU benchmark of comfy-quant-native's CUDA kernels: builds nothing, checks correctness,
+then prints ratio tables against bf16 F.linear (cuBLAS) measured in the same run.
+
+    python3 bench/gpu_ops.py [--quick] [--json out.json] [--variants]
+
+Timing: each measured op is captured R times into one CUDA graph and the graph is
+replayed (median of several replays), so launch gaps and Python overhead stay out of
+the numbers; the R calls rotate over enough copies of the weight that nothing is served
+from L2 (a model's ~500 linears never find their weights in L2 either). Rows:
+  bf16      F.linear with a bf16 weight (cuBLAS)
+  ours      comfy_quant_native ops on the CUDA backend (the path ops.py picks; for
+            W8A8 the activation quantization kernel is included)
+  eager     plain-PyTorch dequantize (reference.py) to bf16 + F.linear
+  bnb       bitsandbytes.matmul_4bit (4-bit)
+  int_mm    torch._int_mm on int8 operands (no quantization or scaling counted; M > 16)
+Floors: bytes that must move at the measured copy bandwidth (dequantize/quantize).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from comfy_quant_native import ops, reference  # noqa: E402
+
+DEV = "cuda"
+SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072)]  # (K, N), Flux
+TOKENS = [1, 16, 256, 4608]
+L2_DEFEAT = 256 << 20  # bytes of distinct weights cycled through per graph
+
+
+# ----------------------------------------------------------------------------- timing
+def time_graph(fn, n_copies: int, reps: int, replays: int = 7) -> float:
+    """Median ms per call of fn(i) (i = copy index), captured `reps` times in a graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(min(n_copies, 3)):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            for r in range(reps):
+                fn(r % n_copies)
+    except Exception as e:  # noqa: BLE001 - not capturable: eager timing, returned negative
+        print(f"  (graph capture failed: {str(e)[:120]}; eager timing)", flush=True)
+        torch.cuda.synchronize()
+        return -time_eager(fn, n_copies, reps)
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    del g
+    return statistics.median(times)
+
+
+def time_eager(fn, n_copies: int, reps: int) -> float:
+    for i in range(3):
+        fn(i % n_copies)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for r in range(reps):
+            fn(r % n_copies)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, min(64, math.ceil(L2_DEFEAT / max(nbytes, 1))))
+
+
+def copy_bandwidth() -> float:
+    """GB/s of 1 GiB device-to-device streams, bytes read + written: the larger of a
+    copy_ (cudaMemcpy) and an elementwise kernel (a + 1)."""
+    a = torch.empty(1 << 28, dtype=torch.float32, device=DEV).uniform_()
+    b = torch.empty_like(a)
+    best = 0.0
+    for fn in (lambda i: b.copy_(a), lambda i: torch.add(a, 1.0, out=b)):
+        ms = time_graph(fn, 1, 10)
+        best = max(best, 2 * 4 * a.numel() / (ms * 1e-3) / 1e9)
+    return best
+
+
+# ----------------------------------------------------------------------------- correctness
+def check_correctness() -> list[str]:
+    """Bit-exact quantize/dequantize and linear error on one Flux-sized case each."""
+    bad = []
+    w = torch.randn(3072, 1024, dtype=torch.bfloat16) * 0.02
+    for cb in ("nf4", "fp4"):
+        rp, ra = reference.quantize_4bit(w, cb, 64)
+        p, a = ops.quantize_4bit(w.to(DEV), cb, 64)
+        if not (torch.equal(p.cpu(), rp) and torch.equal(a.cpu(), ra)):
+            bad.append(f"quantize {cb}")
+        ref = reference.dequantize_4bit(rp, ra, cb, 64, w.shape, torch.bfloat16)
+        got = ops.dequantize_4bit(p, a, cb, 64, w.shape, torch.bfloat16)
+        if not torch.equal(got.cpu().view(torch.int16), ref.view(torch.int16)):
+            bad.append(f"dequantize {cb}")
+        for M in (1, 16, 4608):
+            x = torch.randn(M, 1024, dtype=torch.bfloat16)
+            yr = reference.linear_4bit(x.float(), rp, ra, cb, 64, 3072, 1024)
+            y = ops.linear_4bit(x.to(DEV), p, a, cb, 64, (3072, 1024)).float().cpu()
+            err = float((y - yr).norm() / yr.norm())
+            if not err < 1e-2:
+                bad.append(f"linear {cb} M={M} rel err {err:.2e}")
+    for layout, g in (("int8_row", None), ("int8_lode", 128), ("int8_block", 128)):
+        rq, rs = reference.quantize_int8(w, layout, g)
+        q, s = ops.quantize_int8(w.to(DEV), layout, g)
+        if not (torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs)):
+            bad.append(f"quantize {layout}")
+        ref = reference.dequantize_int8(rq, rs, layout, g, torch.bfloat16)
+        got = ops.dequantize_int8(q, s, layout, g, torch.bfloat16)
+        if not torch.equal(got.cpu().view(torch.int16), ref.view(torch.int16)):
+            bad.append(f"dequantize {layout}")
+        for M in (1, 16, 4608):
+            x = torch.randn(M, 1024, dtype=torch.bfloat16)
+            yr = reference.linear_int8(x.float(), rq, rs, layout, g)
+            y = ops.linear_int8(x.to(DEV), q, s, layout, g).float().cpu()
+            err = float((y - yr).norm() / yr.norm())
+            if not err < 1e-2:
+                bad.append(f"W8A8 {layout} M={M} rel err {err:.2e}")
+    return bad
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def bench_dequant_quant(bw: float, rows: list[dict], shapes) -> None:
+    for K, N in shapes:
+        w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
+        n = N * K
+        for cb in ("nf4", "fp4"):
+            p, a = ops.quantize_4bit(w, cb, 64)
+            nbytes = p.numel() + 4 * a.numel() + 2 * n
+            C = copies_for(p.numel() + 4 * a.numel())
+            ps = [p.clone() for _ in range(C)]
+            ms = time_graph(lambda i: ops.dequantize_4bit(ps[i], a, cb, 64, (N, K), torch.bfloat16), C, 50)
+            rows.append(dict(op="dequantize", layout=cb, K=K, N=N, ms=ms, bytes=nbytes, floor_ms=nbytes / bw / 1e6))
+        for layout, g in (("int8_block", 128), ("int8_lode", 128), ("int8_row", None)):
+            q, s = ops.quantize_int8(w, layout, g)
+            nbytes = q.numel() + 4 * s.numel() + 2 * n
+            C = copies_for(q.numel())
+            qs = [q.clone() for _ in range(C)]
+            ms = time_graph(lambda i: ops.dequantize_int8(qs[i], s, layout, g, torch.bfloat16), C, 50)
+            rows.append(dict(op="dequantize", layout=layout, K=K, N=N, ms=ms, bytes=nbytes, floor_ms=nbytes / bw / 1e6))
+    # quantize one 3072 x 12288 weight (N = 3072 out, K = 12288 in, as Flux's 12288->3072)
+    N, K = 3072, 12288
+    C = copies_for(2 * N * K)
+    ws = [(torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16) for _ in range(C)]
+    for cb in ("nf4", "fp4"):
+        nbytes = 2 * N * K + N * K // 2 + 4 * (N * K // 64)
+        # _quantize_4bit checks finite absmax on the GPU: time the kernel path without that sync
+        ms = time_graph(lambda i: _quant4_kernel_only(ws[i], cb), C, 20)
+        rows.append(dict(op="quantize", layout=cb, K=K, N=N, ms=ms, bytes=nbytes, floor_ms=nbytes / bw / 1e6))
+    for layout, g in (("int8_block", 128), ("int8_lode", 128), ("int8_row", None)):
+        nbytes = 3 * N * K
+        ms = time_graph(lambda i: _quant8_kernel_only(ws[i], layout, g), C, 20)
+        rows.append(dict(op="quantize", layout=layout, K=K, N=N, ms=ms, bytes=nbytes, floor_ms=nbytes / bw / 1e6))
+
+
+def _quant4_kernel_only(x, cb):
+    from comfy_quant_native import layouts as L
+
+    n = x.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(math.ceil(n / 64), dtype=torch.float32, device=x.device)
+    ops._C.quantize_4bit(x.data_ptr(), L.DTYPE_CODES[x.dtype], packed.data_ptr(), absmax.data_ptr(), n, 64,
+                         L.CODEBOOK_CODES[cb], 1, torch.cuda.current_stream().cuda_stream, 1)
+    return packed
+
+
+def _quant8_kernel_only(x, layout, g):
+    from comfy_quant_native import layouts as L
+
+    N, K = x.shape
+    gs = L.check_group_size(layout, g, K)
+    gn, gk = L.int8_tile(layout, gs, K)
+    return ops._quantize_int8_tiles(x, gn, gk, "x")  # no finite-scale check ("x")
+
+
+def bench_linear(rows: list[dict], shapes, tokens, have_bnb: bool) -> None:
+    for K, N in shapes:
+        w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
+        bias = None
+        p, a = ops.quantize_4bit(w, "nf4", 64)
+        int8 = {lay: ops.quantize_int8(w, lay, g) for lay, g in
+                (("int8_row", None), ("int8_lode", 128), ("int8_block", 128))}
+        groups = {"int8_row": None, "int8_lode": 128, "int8_block": 128}
+        if have_bnb:
+            import bitsandbytes as bnb
+            import bitsandbytes.functional as bf
+
+            bp, bstate = bf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        for M in tokens:
+            x = (torch.randn(M, K, device=DEV)).to(torch.bfloat16)
+            reps = 50 if M <= 16 else (20 if M <= 256 else 10)
+
+            def add(method, fn, wbytes, copies_of):
+                C = copies_for(wbytes)
+                cs = [copies_of() for _ in range(C)]
+                ms = time_graph(lambda i: fn(cs[i]), C, reps)
+                rows.append(dict(op="linear", K=K, N=N, M=M, method=method, ms=ms))
+
+            add("bf16", lambda wi: F.linear(x, wi, bias), 2 * N * K, lambda: w.clone())
+            if M >= 256:  # the same bf16 weight every call (partly L2-resident, as ours' fresh one)
+                C1 = 1
+                ms = time_graph(lambda i: F.linear(x, w, bias), C1, reps)
+                rows.append(dict(op="linear", K=K, N=N, M=M, method="bf16 one weight", ms=ms))
+            add("ours nf4", lambda pi: ops.linear_4bit(x, pi, a, "nf4", 64, (N, K), bias),
+                p.numel() + 4 * a.numel(), lambda: p.clone())
+            add("eager nf4", lambda pi: F.linear(x, reference.dequantize_4bit(pi, a, "nf4", 64, (N, K),
+                                                                             torch.bfloat16), bias),
+                p.numel(), lambda: p.clone())
+            if have_bnb:
+                add("bnb nf4", lambda pi: bnb.matmul_4bit(x, pi.t(), bstate), bp.numel(), lambda: bp.clone())
+            for lay, (q, s) in int8.items():
+                add(f"ours {lay}", lambda qi: ops.linear_int8(x, qi, s, lay, groups[lay], bias),
+                    q.numel(), lambda: q.clone())
+            if M > 16:
+                xq, _ = ops.quantize_int8_act(x, K)
+                q = int8["int8_row"][0]
+                add("int_mm", lambda qi: torch._int_mm(xq, qi.t()), q.numel(), lambda: q.clone())
+            if M >= 256:
+                add("ours nf4 dequant only", lambda pi: ops.dequantize_4bit(pi, a, "nf4", 64, (N, K),
+                                                                            torch.bfloat16),
+                    p.numel(), lambda: p.clone())
+            del x
+
+
+def bench_variants(rows: list[dict]) -> None:
+    """Kernel variants, forced: skinny tile / split for 4-bit, int8 GEMM paths."""
+    for K, N in SHAPES:
+        w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
+        p, a = ops.quantize_4bit(w, "nf4", 64)
+        C = copies_for(p.numel())
+        ps = [p.clone() for _ in range(C)]
+        for M in (1, 16):
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            for tile in (1, 2, 4):
+                for split in (0, 1, 2, 4, 8):
+                    prev_t = ops.cuda_kernel_variant("skinny_tile", tile)
+                    prev_s = ops.cuda_kernel_variant("split_k", split)
+                    ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
+                    ops.cuda_kernel_variant("skinny_tile", prev_t)
+                    ops.cuda_kernel_variant("split_k", prev_s)
+                    rows.append(dict(op="variant", K=K, N=N, M=M, method=f"nf4 skinny NT={tile} S={split or 'auto'}", ms=ms))
+        x = torch.randn(4608, K, device=DEV, dtype=torch.bfloat16)
+        for lay, g in (("int8_row", None), ("int8_lode", 128), ("int8_block", 128)):
+            q, s = ops.quantize_int8(w, lay, g)
+            xq, xs = ops.quantize_int8_act(x, 128 if lay == "int8_block" else K)
+            paths = (("mma80", 3), ("sm90", 4), ("sm90 multicast", 5))
+            if "gemm_int8=" in os.environ.get("COMFY_QUANT_CUDA_VARIANTS", ""):
+                paths = paths[:1]  # the wgmma kernel was switched off for this run
+            for name, path in paths:
+                prev = ops.cuda_kernel_variant("gemm_int8", path)
+                from comfy_quant_native import layouts as L
+
+                gs = L.check_group_size(lay, g, K)
+                gn, gk = L.int8_tile(lay, gs, K)
+
+                def gemm(qi):
+                    y = torch.empty(4608, N, dtype=torch.bfloat16, device=DEV)
+                    ops._C.gemm_int8(xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
+                                     L.DTYPE_CODES[torch.bfloat16], 4608, N, K, xs.shape[1], gn, gk, 1,
+                                     torch.cuda.current_stream().cuda_stream, 1)
+                    return y
+
+                qs = [q, q.clone()]
+                ms = time_graph(lambda i: gemm(qs[i]), 2, 10)
+                ops.cuda_kernel_variant("gemm_int8", prev)
+                tops = 2 * 4608 * N * K / (ms * 1e-3) / 1e12
+                rows.append(dict(op="variant", K=K, N=N, M=4608, method=f"gemm {lay} {name} ({tops:.0f} TOPS)", ms=ms))
+
+
+# ----------------------------------------------------------------------------- report
+def print_tables(rows, bw, header):
+    print(header)
+    print(f"copy bandwidth (read + write): {bw:.0f} GB/s")
+    print("\n## dequantize / quantize (bf16), vs copy bandwidth")
+    print("| op | layout | N x K | ms | GB/s | % copy BW | floor ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["op"] in ("dequantize", "quantize"):
+            gbs = r["bytes"] / (abs(r["ms"]) * 1e-3) / 1e9
+            print(f"| {r['op']} | {r['layout']} | {r['N']}x{r['K']} | {r['ms']:.4f} | {gbs:.0f} | {100 * gbs / bw:.0f}% "
+                  f"| {r['floor_ms']:.4f} |")
+    lin = [r for r in rows if r["op"] == "linear"]
+    methods = []
+    for r in lin:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    print("\n## linear: ms (ratio to bf16 cuBLAS, same run); negative ms = eager timing (capture failed)")
+    print("| K, N | M | " + " | ".join(methods) + " |")
+    print("|---|---|" + "---|" * len(methods))
+    for K, N in SHAPES:
+        for M in TOKENS:
+            sel = {r["method"]: r["ms"] for r in lin if r["K"] == K and r["N"] == N and r["M"] == M}
+            if not sel:
+                continue
+            base = sel.get("bf16")
+            cells = []
+            for m in methods:
+                if m not in sel:
+                    cells.append("")
+                elif m == "bf16":
+                    cells.append(f"{sel[m]:.4f}")
+                else:
+                    cells.append(f"{sel[m]:.4f} ({abs(sel[m]) / base:.2f}x)")
+            print(f"| {K}, {N} | {M} | " + " | ".join(cells) + " |")
+    var = [r for r in rows if r["op"] == "variant"]
+    if var:
+        print("\n## variants")
+        for r in var:
+            print(f"K={r['K']} N={r['N']} M={r['M']} {r['method']}: {r['ms']:.4f} ms")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one shape")
+    ap.add_argument("--variants", action="store_true", help="also time forced kernel variants")
+    ap.add_argument("--json", help="write all rows here")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="M values, e.g. 1,16")
+    ap.add_argument("--linear-only", action="store_true", help="skip the dequantize/quantize rows")
+    args = ap.parse_args()
+    backends = ops.list_backends()
+    if backends["cuda"] is not None:
+        sys.exit(f"CUDA backend unavailable: {backends['cuda']}")
+    props = torch.cuda.get_device_properties(0)
+    header = (f"# {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs), torch {torch.__version__}, "
+              f"{datetime.date.today().isoformat()}")
+    bad = check_correctness()
+    print("correctness:", "PASS" if not bad else "FAIL: " + "; ".join(bad), flush=True)
+    try:
+        import bitsandbytes  # noqa: F401
+
+        have_bnb = True
+    except Exception as e:  # noqa: BLE001
+        print(f"bitsandbytes unavailable ({e}); its column is left out")
+        have_bnb = False
+    bw = copy_bandwidth()
+    shapes = SHAPES[1:2] if args.quick else SHAPES
+    rows: list[dict] = []
+    if not args.linear_only:
+        bench_dequant_quant(bw, rows, shapes)
+        print("dequant/quant done", flush=True)
+    bench_linear(rows, shapes, [int(t) for t in args.tokens.split(",")], have_bnb)
+    print("linear done", flush=True)
+    if args.variants:
+        bench_variants(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(header=header, bw=bw, rows=rows, correctness=bad), indent=1))
+    print_tables(rows, bw, header)
+    if bad:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+/* common.cuh: helpers shared by the .cu files of csrc/cuda (never exported).
+ *
+ * Error state: a launcher that sees a CUDA error stores its message (thread-local)
+ * and returns CQ_ECUDA; cq_cuda_get_api()->last_error() hands it to module.c.
+ * Element conversions round to nearest even, as csrc/cpu/convert.h does.
+ */
+#ifndef COMFY_QUANT_CUDA_COMMON_CUH
+#define COMFY_QUANT_CUDA_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "launch.h"
+
+#define CQ_HIDDEN __attribute__((visibility("hidden")))
+
+namespace cq {
+
+/* ------------------------------------------------------------------ errors */
+CQ_HIDDEN void set_error(const char *where, cudaError_t err);
+CQ_HIDDEN void set_error_msg(const char *where, const char *msg);
+CQ_HIDDEN const char *last_error();
+
+/* After a launch: CQ_OK, or CQ_ECUDA with the message kept. */
+static inline int check_launch(const char *where) {
+    cudaError_t err = cudaGetLastError();
+    if (err == cudaSuccess)
+        return CQ_OK;
+    set_error(where, err);
+    return CQ_ECUDA;
+}
+
+#define CQ_CUDA_TRY(call, where)                                                               \
+    do {                                                                                       \
+        cudaError_t err_ = (call);                                                             \
+        if (err_ != cudaSuccess) {                                                             \
+            set_error(where, err_);                                                            \
+            return CQ_ECUDA;                                                                   \
+        }                                                                                      \
+    } while (0)
+
+/* ------------------------------------------------------------------ device facts */
+struct DeviceInfo {
+    int index;
+    int cc;           /* 10 * major + minor */
+    int sms;          /* multiprocessors */
+    int smem_optin;   /* max dynamic shared memory per block after opt-in */
+};
+/* Facts of the current device (cached per device). CQ_OK or CQ_ECUDA. */
+CQ_HIDDEN int device_info(DeviceInfo *out);
+
+/* Benchmark/test knobs (cq_cuda_set_variant): 0 = automatic choice. */
+enum Knob {
+    KNOB_GEMM_INT8 = 0,  /* 1 generic, 2 skinny mma, 3 sm80 mma.sync, 4 sm90 wgmma, 5 sm90 + multicast */
+    KNOB_LINEAR_4BIT = 1,/* 1 generic, 2 skinny mma */
+    KNOB_SPLIT_K = 2,    /* force the split-K cluster size of the skinny kernels */
+    KNOB_SKINNY_TILE = 3,/* n-tiles of 8 rows per warp in the skinny kernels: 1, 2, 4 */
+    KNOB_LINEAR_INT8 = 4,/* weight-only: 1 generic, 2 skinny mma */
+    KNOB_COUNT = 8
+};
+CQ_HIDDEN int knob(int which);
+
+/* ------------------------------------------------------------------ elements */
+/* float32 of element i of a tensor whose dtype is T (float, __half, __nv_bfloat16). */
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+/* Two float32 -> two packed 16-bit values (lo = a), round to nearest even. */
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+/* Eight consecutive elements as float32 (p aligned to 8 elements). */
+__device__ __forceinline__ void load8(const float *p, float v[8]) {
+    float4 a = __ldg(reinterpret_cast<const float4 *>(p));
+    float4 b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+template <typename T>
+__device__ __forceinline__ void load8(const T *p, float v[8]) {
+    uint4 u = __ldg(reinterpret_cast<const uint4 *>(p));
+    const T *h = reinterpret_cast<const T *>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        v[i] = to_f32(h[i]);
+}
+
+/* |x| as ordered bits: finite < Inf < NaN, so an integer max propagates NaN. */
+__device__ __forceinline__ uint32_t abs_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
+
+__device__ __forceinline__ uint32_t warp_max_u32(uint32_t v, int width) {
+    for (int o = width / 2; o > 0; o >>= 1)
+        v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+template <typename T> struct DtypeOf;
+template <> struct DtypeOf<float> { static constexpr int code = CQ_F32; };
+template <> struct DtypeOf<__half> { static constexpr int code = CQ_F16; };
+template <> struct DtypeOf<__nv_bfloat16> { static constexpr int code = CQ_BF16; };
+
+static inline bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+static inline unsigned grid_for(int64_t threads, int block) {
+    return (unsigned)((threads + block - 1) / block);
+}
+
+} /* namespace cq */
+
+/* Calls f.template operator()<T>() with T the C++ type of float dtype code `dt`;
+ * evaluates to CQ_EINVAL for any other code. */
+#define CQ_DISPATCH_FLOAT(dt, T, ...)                                                          \
+    [&]() -> int {                                                                             \
+        switch (dt) {                                                                          \
+        case CQ_F32: { using T = float; return __VA_ARGS__; }                                  \
+        case CQ_F16: { using T = __half; return __VA_ARGS__; }                                 \
+        case CQ_BF16: { using T = __nv_bfloat16; return __VA_ARGS__; }                         \
+        default: return CQ_EINVAL;                                                             \
+        }                                                                                      \
+    }()
+
+#endif /* COMFY_QUANT_CUDA_COMMON_CUH */

@@ -1,0 +1,470 @@
+/* gemm_int8_sm90.cu: W8A8 GEMM on Hopper (sm_90a) int8 tensor cores (gemm_int8.cu has
+ * the contract). One CTA computes a 128 x BN tile of y with three warpgroups:
+ *   warpgroup 0, the producer: one thread streams 128 x 128 tiles of xq and BN x 128
+ *     tiles of wq (K-major, 128-byte swizzle) through the bulk tensor copy engine into
+ *     a ring of shared-memory stages, each guarded by a full and an empty mbarrier;
+ *     with per-K-group scales, warp 1 also copies the stage's BN weight scales;
+ *   warpgroups 1 and 2, the consumers: 64 rows each, wgmma m64nBNk32 s8 -> s32 from
+ *     shared memory. One K-group (int8_tensorwise): int32 over all K, scales in the
+ *     epilogue. Several K-groups (lodewise, blockwise, group a multiple of 128): the
+ *     group's int32 sum is converted and added into float32 accumulators with its
+ *     scale ("promotion"); the two consumers drift apart, so one promotes while the
+ *     other's wgmma runs.
+ * Built only into the sm_90a image (CQ_HAVE_SM90A, set by setup.py when 90a is a
+ * target); the dispatcher calls it only on a compute-capability-9.0 device. */
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include "gemm_int8.cuh"
+#include "wgmma_s8.cuh"
+
+namespace cq {
+
+#if defined(CQ_HAVE_SM90A)
+
+constexpr int SM90_BM = 128, SM90_BK = 128;
+
+template <int BN, bool PROMOTE> struct Sm90Cfg {
+    static constexpr int STAGES = PROMOTE ? 6 : 4;
+    static constexpr int A_BYTES = SM90_BM * SM90_BK;
+    static constexpr int B_BYTES = BN * SM90_BK;
+    static constexpr int WS_BYTES = PROMOTE ? BN * 4 : 0;
+    static constexpr int SMEM = 1024 + STAGES * (A_BYTES + B_BYTES + WS_BYTES) + 2 * STAGES * 8;
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define CQ_SM90_DEVICE 1
+#endif
+
+__device__ __forceinline__ uint32_t s_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+#endif
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, int bytes) {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#ifdef CQ_SM90_DEVICE
+    uint32_t done = 0;
+    do {
+        asm volatile("{\n.reg .pred p;\n"
+                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(bar), "r"(parity)
+                     : "memory");
+    } while (!done);
+#endif
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1, uint32_t bar) {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n"
+                 ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+/* keeps the compiler from moving accumulator registers across async wgmma */
+template <int R> __device__ __forceinline__ void fence_regs(int (&d)[R]) {
+#pragma unroll
+    for (int i = 0; i < R; i++)
+        asm volatile("" : "+r"(d[i])::"memory");
+}
+
+/* shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 B apart */
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(16 >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           (1ull << 62);
+}
+
+template <int BN> __device__ __forceinline__ void wgmma_tile(int (&d)[BN / 2], uint64_t da, uint64_t db, int scale_d);
+template <> __device__ __forceinline__ void wgmma_tile<128>(int (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+    wgmma_m64n128k32_s8(d, da, db, scale_d);
+}
+template <> __device__ __forceinline__ void wgmma_tile<256>(int (&d)[128], uint64_t da, uint64_t db, int scale_d) {
+    wgmma_m64n256k32_s8(d, da, db, scale_d);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T *y, int64_t row, int64_t col, int64_t N, float v0, float v1) {
+    T *p = y + row * N + col;
+    if (col + 1 < N && (N & 1) == 0) {
+        *reinterpret_cast<uint32_t *>(p) = pack2<T>(v0, v1);
+    } else {
+        p[0] = from_f32<T>(v0);
+        if (col + 1 < N)
+            p[1] = from_f32<T>(v1);
+    }
+}
+
+/* mbarrier arrive on the barrier at the same shared-memory offset in cluster CTA `cta` */
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("{\n.reg .b32 remote;\n"
+                 "mapa.shared::cluster.u32 remote, %0, %1;\n"
+                 "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+                 "r"(cta)
+                 : "memory");
+#endif
+}
+/* the box lands at the same offset in every CTA of `mask`, each CTA's mbarrier there
+ * is credited with the bytes it receives */
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap *map, int c0, int c1,
+                                                      uint32_t bar, uint16_t mask) {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%4, %5}], [%2], %3;\n" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "h"(mask), "r"(c0), "r"(c1)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_sync_all() {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
+/* MCAST: two CTAs of a cluster take neighbouring 128-row tiles of xq and the same BN
+ * columns of wq; each loads its own A and one half of B, multicast to both, which halves
+ * the L2 -> SM traffic of B. A stage is then refilled only after the consumers of both
+ * CTAs released it (empty count 16). */
+template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST>
+__global__ void __launch_bounds__(384, 1)
+gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmB,
+                const float *__restrict__ xs, const float *__restrict__ ws, const T *__restrict__ bias,
+                T *__restrict__ y, int64_t M, int64_t N, int64_t K, int64_t xs_groups, int64_t gn, int64_t gk) {
+#ifdef CQ_SM90_DEVICE
+    using Cfg = Sm90Cfg<BN, PROMOTE>;
+    constexpr int STAGES = Cfg::STAGES, A_BYTES = Cfg::A_BYTES, B_BYTES = Cfg::B_BYTES, HALF_B = BN / 2;
+    extern __shared__ uint8_t smem_raw[];
+    const uint32_t raw = s_addr(smem_raw);
+    const uint32_t base = (raw + 1023u) & ~1023u; /* swizzled tiles need 1024-byte alignment */
+    uint8_t *gbase = smem_raw + (base - raw);     /* same offset in both CTAs: same dynamic smem layout */
+    const uint32_t sA = base, sB = base + STAGES * A_BYTES;
+    float *wsm = reinterpret_cast<float *>(gbase + STAGES * (A_BYTES + B_BYTES));
+    const uint32_t bars = base + STAGES * (A_BYTES + B_BYTES + Cfg::WS_BYTES);
+    auto full = [&](int s) { return bars + 8u * s; };
+    auto empty = [&](int s) { return bars + 8u * (STAGES + s); };
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = tid >> 5, lane = tid & 31;
+    const uint32_t rank = MCAST ? blockIdx.x & 1u : 0u; /* cluster (2, 1, 1) */
+    const int64_t m0 = (int64_t)blockIdx.x * SM90_BM, n0 = (int64_t)blockIdx.y * BN;
+    const int ktiles = (int)((K + SM90_BK - 1) / SM90_BK);
+    const int64_t kb = (K + gk - 1) / gk;
+
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(full(s), 1 + (PROMOTE ? 32 : 0));
+            mbar_init(empty(s), MCAST ? 16 : 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    if (MCAST)
+        cluster_sync_all();
+    else
+        __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (warp == 0 && lane == 0) {
+            for (int kt = 0; kt < ktiles; kt++) {
+                const int s = kt % STAGES;
+                const uint32_t ph = (uint32_t)(kt / STAGES) & 1u;
+                mbar_wait(empty(s), ph ^ 1u);
+                mbar_expect_tx(full(s), A_BYTES + B_BYTES);
+                tma_load_2d(sA + s * A_BYTES, &tmA, kt * SM90_BK, (int)m0, full(s));
+                if (MCAST)
+                    tma_load_2d_multicast(sB + s * B_BYTES + rank * HALF_B * SM90_BK, &tmB, kt * SM90_BK,
+                                          (int)(n0 + rank * HALF_B), full(s), (uint16_t)3);
+                else
+                    tma_load_2d(sB + s * B_BYTES, &tmB, kt * SM90_BK, (int)n0, full(s));
+            }
+        } else if (PROMOTE && warp == 1) {
+            const float *wcol[BN / 32]; /* this lane's columns' scale rows */
+#pragma unroll
+            for (int i = 0; i < BN / 32; i++) {
+                const int64_t n = n0 + lane + 32 * i;
+                wcol[i] = n < N ? ws + (n / gn) * kb : nullptr;
+            }
+            int64_t g = 0, k_next = gk; /* K-group of tile kt, without a division a tile */
+            for (int kt = 0; kt < ktiles; kt++) {
+                const int s = kt % STAGES;
+                const uint32_t ph = (uint32_t)(kt / STAGES) & 1u;
+                if ((int64_t)kt * SM90_BK >= k_next) {
+                    g++;
+                    k_next += gk;
+                }
+                mbar_wait(empty(s), ph ^ 1u);
+#pragma unroll
+                for (int i = 0; i < BN / 32; i++)
+                    wsm[s * BN + lane + 32 * i] = wcol[i] ? __ldg(wcol[i] + g) : 0.0f;
+                mbar_arrive(full(s));
+            }
+        }
+        __syncwarp();
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        const int cw = wg - 1, wl = warp & 3, t = lane & 3;
+        const int64_t row0 = m0 + cw * 64 + wl * 16 + (lane >> 2); /* and row0 + 8 */
+        const float *xs_row0 = xs + (row0 < M ? row0 : M - 1) * xs_groups;
+        const float *xs_row1 = xs + (row0 + 8 < M ? row0 + 8 : M - 1) * xs_groups;
+        const int tiles_per_group = PROMOTE ? (int)(gk / SM90_BK) : 1;
+        auto release = [&](int s) { /* this warp is done with stage s, in both CTAs */
+            __syncwarp();
+            if (MCAST && lane < 2)
+                mbar_arrive_cluster(empty(s), (uint32_t)lane);
+            else if (!MCAST && lane == 0)
+                mbar_arrive(empty(s));
+        };
+        auto issue = [&](int (&d)[BN / 2], int s, bool accumulate) {
+            wgmma_fence();
+            fence_regs(d);
+#pragma unroll
+            for (int kk = 0; kk < SM90_BK / 32; kk++) {
+                const uint64_t da = smem_desc(sA + s * A_BYTES + cw * 64 * SM90_BK + kk * 32);
+                const uint64_t db = smem_desc(sB + s * B_BYTES + kk * 32);
+                wgmma_tile<BN>(d, da, db, (accumulate || kk > 0) ? 1 : 0);
+            }
+            wgmma_commit(); /* d is touched again only after a wait covers this group */
+        };
+        int acc[BN / 2];
+        float accf[PROMOTE ? BN / 2 : 1];
+#pragma unroll
+        for (int i = 0; i < (PROMOTE ? BN / 2 : 1); i++)
+            accf[i] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < BN / 2; i++)
+            acc[i] = 0;
+
+        if constexpr (!PROMOTE) {
+            for (int kt = 0; kt < ktiles; kt++) {
+                const int s = kt % STAGES;
+                mbar_wait(full(s), (uint32_t)(kt / STAGES) & 1u);
+                issue(acc, s, kt > 0);
+                wgmma_wait<1>(); /* the previous tile's MMAs are done: release its stage */
+                fence_regs(acc);
+                if (kt > 0)
+                    release((kt - 1) % STAGES);
+            }
+            wgmma_wait<0>();
+            fence_regs(acc);
+        } else {
+            /* Promotion: at the end of each K-group the group's int32 sums become float32
+             * with its scale. A warpgroup waits for its own MMAs (ptxas serializes reads of
+             * accumulators while any wgmma is in flight, so no double buffering here); the
+             * other warpgroup's MMAs keep the tensor cores busy meanwhile. */
+            for (int kt = 0; kt < ktiles; kt++) {
+                const int s = kt % STAGES;
+                const int in_group = kt % tiles_per_group;
+                mbar_wait(full(s), (uint32_t)(kt / STAGES) & 1u);
+                issue(acc, s, in_group > 0);
+                wgmma_wait<0>();
+                fence_regs(acc);
+                if (in_group == tiles_per_group - 1 || kt == ktiles - 1) {
+                    float xg0 = 1.0f, xg1 = 1.0f;
+                    if constexpr (XS_GROUPED) {
+                        const int g = kt / tiles_per_group;
+                        xg0 = __ldg(xs_row0 + g);
+                        xg1 = __ldg(xs_row1 + g);
+                    }
+                    const float *wst = wsm + s * BN;
+#pragma unroll
+                    for (int i = 0; i < BN / 8; i++) {
+                        const float2 w2 = *reinterpret_cast<const float2 *>(wst + 8 * i + 2 * t);
+                        const float s00 = XS_GROUPED ? xg0 * w2.x : w2.x, s01 = XS_GROUPED ? xg0 * w2.y : w2.y;
+                        const float s10 = XS_GROUPED ? xg1 * w2.x : w2.x, s11 = XS_GROUPED ? xg1 * w2.y : w2.y;
+                        accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], s00, accf[4 * i + 0]);
+                        accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], s01, accf[4 * i + 1]);
+                        accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], s10, accf[4 * i + 2]);
+                        accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], s11, accf[4 * i + 3]);
+                    }
+                }
+                release(s);
+            }
+        }
+
+        /* epilogue: register 4i + 2h + e holds (row0 + 8h, n0 + 8i + 2t + e) */
+        const bool rv0 = row0 < M, rv1 = row0 + 8 < M;
+        float x_s[2] = {1.0f, 1.0f};
+        if constexpr (!XS_GROUPED) {
+            x_s[0] = __ldg(xs + (rv0 ? row0 : 0) * xs_groups);
+            x_s[1] = __ldg(xs + (rv1 ? row0 + 8 : 0) * xs_groups);
+        }
+#pragma unroll
+        for (int i = 0; i < BN / 8; i++) {
+            const int64_t col = n0 + 8 * i + 2 * t;
+            if (col >= N)
+                continue;
+            float w_s[2] = {1.0f, 1.0f}, b[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int64_t c = col + e < N ? col + e : N - 1;
+                if constexpr (!PROMOTE)
+                    w_s[e] = __ldg(ws + (gn == 1 ? c : c / gn));
+                if (bias)
+                    b[e] = to_f32(bias[c]);
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (!(h ? rv1 : rv0))
+                    continue;
+                float v[2];
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    if constexpr (PROMOTE)
+                        v[e] = XS_GROUPED ? accf[4 * i + 2 * h + e] : accf[4 * i + 2 * h + e] * x_s[h];
+                    else
+                        v[e] = __fmul_rn((float)acc[4 * i + 2 * h + e], __fmul_rn(x_s[h], w_s[e]));
+                    if (bias)
+                        v[e] = __fadd_rn(v[e], b[e]);
+                }
+                store_pair<T>(y, row0 + 8 * h, col, N, v[0], v[1]);
+            }
+        }
+    }
+    /* the peer may still arrive on this CTA's barriers: leave together */
+    if (MCAST) {
+        __syncwarp();
+        cluster_sync_all();
+    }
+#endif
+}
+
+/* ---------------------------------------------------------------- host side */
+static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+    if (!fn) {
+        void *p = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) ==
+                cudaSuccess &&
+            q == cudaDriverEntryPointSuccess)
+            fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+    }
+    return fn;
+}
+
+/* rows x K int8, row-major: boxes of box_rows x 128 bytes, 128-byte swizzle, zeros
+ * outside the tensor */
+static int make_map(CUtensorMap *map, const int8_t *p, int64_t rows, int64_t K, int box_rows) {
+    PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+    if (!encode) {
+        set_error_msg("gemm_int8 (sm90)", "the driver has no cuTensorMapEncodeTiled");
+        return CQ_ECUDA;
+    }
+    cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)rows};
+    cuuint64_t strides[1] = {(cuuint64_t)K};
+    cuuint32_t box[2] = {(cuuint32_t)SM90_BK, (cuuint32_t)box_rows};
+    cuuint32_t elem[2] = {1, 1};
+    CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t *>(p), dims, strides, box, elem,
+                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        set_error_msg("gemm_int8 (sm90)", "cuTensorMapEncodeTiled failed");
+        return CQ_ECUDA;
+    }
+    return CQ_OK;
+}
+
+template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST>
+static int run_wgmma(const GemmInt8Args<T> &a, cudaStream_t stream) {
+    using Cfg = Sm90Cfg<BN, PROMOTE>;
+    auto kernel = gemm_int8_wgmma<T, BN, PROMOTE, XS_GROUPED, MCAST>;
+    static int attr_set;
+    if (!attr_set) {
+        CQ_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM),
+                    "gemm_int8 (sm90) shared memory");
+        attr_set = 1;
+    }
+    CUtensorMap ma, mb;
+    int st = make_map(&ma, a.xq, a.M, a.K, SM90_BM);
+    if (!st)
+        st = make_map(&mb, a.wq, a.N, a.K, MCAST ? BN / 2 : BN); /* with multicast each CTA of a pair loads half of B */
+    if (st)
+        return st;
+    const unsigned mt = (unsigned)((a.M + SM90_BM - 1) / SM90_BM);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(MCAST ? mt + (mt & 1u) : mt, (unsigned)((a.N + BN - 1) / BN), 1); /* whole pairs */
+    cfg.blockDim = dim3(384, 1, 1);
+    cfg.dynamicSmemBytes = Cfg::SMEM;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = MCAST ? 1 : 0;
+    CQ_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, ma, mb, a.xs, a.ws, a.bias, a.y, a.M, a.N, a.K, a.xs_groups, a.gn,
+                                   a.gk),
+                "gemm_int8 (sm90)");
+    return check_launch("gemm_int8 (sm90)");
+}
+
+bool gemm_int8_sm90_supported(int64_t M, int64_t N, int64_t K, int64_t gk) {
+    /* TMA: 16-byte row strides, int32 coordinates; int32 sums: 127^2 K < 2^31 */
+    return K % 16 == 0 && K <= 131072 && M < INT32_MAX && N < INT32_MAX && (M + SM90_BM - 1) / SM90_BM <= INT32_MAX &&
+           (N + 127) / 128 <= 65535 && (gk >= K || gk % SM90_BK == 0);
+}
+
+template <typename T>
+int gemm_int8_sm90(const DeviceInfo &dev, const GemmInt8Args<T> &a, cudaStream_t stream) {
+    (void)dev;
+    if constexpr (sizeof(T) != 2) {
+        return CQ_EUNSUPPORTED;
+    } else {
+        /* multicast of B over CTA pairs (knob 5): fewer L2 reads, but it measured slower
+         * on H100/H200 (docs/CUDA_NOTES.md), so one CTA per tile is the default */
+        if (knob(KNOB_GEMM_INT8) == 5) {
+            if (a.gk >= a.K)
+                return run_wgmma<T, 256, false, false, true>(a, stream);
+            if (a.xs_groups > 1)
+                return run_wgmma<T, 128, true, true, true>(a, stream);
+            return run_wgmma<T, 128, true, false, true>(a, stream);
+        }
+        if (a.gk >= a.K)
+            return run_wgmma<T, 256, false, false, false>(a, stream);
+        if (a.xs_groups > 1)
+            return run_wgmma<T, 128, true, true, false>(a, stream);
+        return run_wgmma<T, 128, true, false, false>(a, stream);
+    }
+}
+
+#else /* built without an sm_90a target */
+
+bool gemm_int8_sm90_supported(int64_t, int64_t, int64_t, int64_t) { return false; }
+template <typename T> int gemm_int8_sm90(const DeviceInfo &, const GemmInt8Args<T> &, cudaStream_t) {
+    return CQ_EUNSUPPORTED;
+}
+
+#endif
+
+template int gemm_int8_sm90<float>(const DeviceInfo &, const GemmInt8Args<float> &, cudaStream_t);
+template int gemm_int8_sm90<__half>(const DeviceInfo &, const GemmInt8Args<__half> &, cudaStream_t);
+template int gemm_int8_sm90<__nv_bfloat16>(const DeviceInfo &, const GemmInt8Args<__nv_bfloat16> &, cudaStream_t);
+
+} /* namespace cq */

@@ -1,0 +1,385 @@
+/* int8.cu: int8_blockwise / int8_lodewise / int8_tensorwise quantize and dequantize,
+ * and the weight-only int8 linear, on the GPU (layout and rounding: formats.h).
+ * One family serves the three layouts as tiles of gn x gk (block (B, B), lode (1, B),
+ * row (1, K)); activations are gn = 1. Bit-identical to the CPU *_ref kernels:
+ * scale = amax / 127 and x / scale with IEEE division (__fdiv_rn), round half to
+ * even (__float2int_rn), amax by an integer max on |x| bits so NaN propagates. */
+#include "launchers.cuh"
+
+namespace cq {
+
+/* a / b for non-negative a, b: 32-bit division where both fit */
+__device__ __forceinline__ int64_t udiv(int64_t a, int64_t b) {
+    return ((a | b) >> 32) == 0 ? (int64_t)((uint32_t)a / (uint32_t)b) : a / b;
+}
+
+__device__ __forceinline__ int8_t quant_one(float v, float s) {
+    if (!(s > 0.0f))
+        return 0;
+    int q = __float2int_rn(__fdiv_rn(v, s));
+    q = q > CQ_INT8_QMAX ? CQ_INT8_QMAX : (q < -CQ_INT8_QMAX ? -CQ_INT8_QMAX : q);
+    return (int8_t)q;
+}
+
+/* Eight values quantized with scale s, packed little-endian. */
+__device__ __forceinline__ uint2 quant8(const float v[8], float s) {
+    uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        lo |= (uint32_t)(uint8_t)quant_one(v[j], s) << (8 * j);
+        hi |= (uint32_t)(uint8_t)quant_one(v[j + 4], s) << (8 * j);
+    }
+    return make_uint2(lo, hi);
+}
+
+template <typename T, bool VEC>
+__device__ __forceinline__ void load_row8(const T *row, int64_t k, int64_t K, float v[8]) {
+    if (VEC && k + 8 <= K) {
+        load8(row + k, v);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            v[j] = k + j < K ? to_f32(row[k + j]) : 0.0f;
+    }
+}
+
+template <bool VEC>
+__device__ __forceinline__ void store_row8(int8_t *row, int64_t k, int64_t K, uint2 q) {
+    if (VEC && k + 8 <= K) {
+        *reinterpret_cast<uint2 *>(row + k) = q;
+    } else {
+        for (int j = 0; j < 8; j++)
+            if (k + j < K)
+                row[k + j] = (int8_t)((j < 4 ? q.x : q.y) >> (8 * (j & 3)));
+    }
+}
+
+/* ---------------------------------------------------------------- quantize, gn == 1 */
+/* quant_int8_spans: tiles of one row, gk a power of two <= 256: a warp takes 256
+ * consecutive values of a row (8 a lane), tiles reduce over gk / 8 lanes. */
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(256)
+quant_int8_spans(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N, int64_t K,
+                 int log2_gk) {
+    const int64_t spans = (K + 255) / 256;
+    const int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (w >= N * spans) /* whole warp leaves together */
+        return;
+    const int64_t n = udiv(w, spans), k = (w - n * spans) * 256 + lane * 8;
+    const T *row = x + n * K;
+    float v[8];
+    load_row8<T, VEC>(row, k, K, v);
+    uint32_t amax = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        amax = max(amax, abs_bits(v[j]));
+    amax = warp_max_u32(amax, 1 << (log2_gk - 3));
+    const float s = __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+    const int64_t kb = (K + (int64_t(1) << log2_gk) - 1) >> log2_gk;
+    if ((k & ((int64_t(1) << log2_gk) - 1)) == 0 && k < K)
+        scale[n * kb + (k >> log2_gk)] = s;
+    if (k < K)
+        store_row8<VEC>(q + n * K, k, K, quant8(v, s));
+}
+
+/* quant_int8_rowblock: a block of 256 threads per tile of one row up to 16384 wide
+ * (whole rows of activations and int8_tensorwise weights): one pass, the tile kept in
+ * registers (8 values a thread per 2048), amax over the block. */
+constexpr int ROWBLOCK_MAX = 16384;
+
+template <typename T, bool VEC, int P>
+__global__ void __launch_bounds__(256)
+quant_int8_rowblock(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N,
+                    int64_t K, int64_t gk) {
+    __shared__ uint32_t warp_amax[8];
+    const int64_t kb = (K + gk - 1) / gk;
+    const int64_t n = blockIdx.y, g = blockIdx.x;
+    const int64_t k_lo = g * gk, k_hi = k_lo + gk < K ? k_lo + gk : K;
+    const T *row = x + n * K;
+    float v[P][8]; /* P * 2048 >= the tile width; few registers keep many blocks resident */
+    uint32_t amax = 0;
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+        const int64_t k = k_lo + p * 2048 + threadIdx.x * 8;
+        if (k < k_hi) {
+            load_row8<T, VEC>(row, k, k_hi, v[p]);
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                amax = max(amax, abs_bits(v[p][j]));
+        }
+    }
+    amax = warp_max_u32(amax, 32);
+    if ((threadIdx.x & 31) == 0)
+        warp_amax[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        amax = max(amax, warp_amax[i]);
+    const float s = __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+    if (threadIdx.x == 0)
+        scale[n * kb + g] = s;
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+        const int64_t k = k_lo + p * 2048 + threadIdx.x * 8;
+        if (k < k_hi)
+            store_row8<VEC>(q + n * K, k, k_hi, quant8(v[p], s));
+    }
+}
+
+/* quant_int8_wide: a warp per tile of one row, any width gk (whole rows included);
+ * amax in a first pass, quantize in a second (the tile is then in L1/L2). */
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(256)
+quant_int8_wide(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N, int64_t K,
+                int64_t gk) {
+    const int64_t kb = (K + gk - 1) / gk;
+    const int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (w >= N * kb)
+        return;
+    const int64_t n = udiv(w, kb), g = w - n * kb;
+    const int64_t k_lo = g * gk, k_hi = k_lo + gk < K ? k_lo + gk : K;
+    const T *row = x + n * K;
+    uint32_t amax = 0;
+    for (int64_t k = k_lo + lane * 8; k < k_hi; k += 256) {
+        float v[8];
+        load_row8<T, VEC>(row, k, k_hi, v);
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            amax = max(amax, abs_bits(v[j]));
+    }
+    amax = warp_max_u32(amax, 32);
+    const float s = __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+    if (lane == 0)
+        scale[n * kb + g] = s;
+    for (int64_t k = k_lo + lane * 8; k < k_hi; k += 256) {
+        float v[8];
+        load_row8<T, VEC>(row, k, k_hi, v);
+        store_row8<VEC>(q + n * K, k, k_hi, quant8(v, s));
+    }
+}
+
+/* ---------------------------------------------------------------- quantize, gn > 1 */
+/* quant_int8_tiles: a block of 256 threads per gn x gk tile; each thread 8 values a
+ * pass; amax over the block, then a second pass quantizes. */
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(256)
+quant_int8_tiles(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N, int64_t K,
+                 int64_t gn, int64_t gk) {
+    __shared__ uint32_t warp_amax[8];
+    const int64_t kb = (K + gk - 1) / gk;
+    const int64_t tile_n = blockIdx.y, tile_k = blockIdx.x;
+    const int64_t n_lo = tile_n * gn, n_hi = n_lo + gn < N ? n_lo + gn : N;
+    const int64_t k_lo = tile_k * gk, k_hi = k_lo + gk < K ? k_lo + gk : K;
+    const int tps = (int)(gk / 8 < 256 ? gk / 8 : 256); /* threads along a row segment */
+    const int rows_per_pass = 256 / tps;
+    const int tr = threadIdx.x / tps, tc = threadIdx.x - tr * tps;
+    uint32_t amax = 0;
+    if (tr < rows_per_pass)
+        for (int64_t n = n_lo + tr; n < n_hi; n += rows_per_pass)
+            for (int64_t k = k_lo + tc * 8; k < k_hi; k += tps * 8) {
+                float v[8];
+                load_row8<T, VEC>(x + n * K, k, k_hi, v);
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    amax = max(amax, abs_bits(v[j]));
+            }
+    amax = warp_max_u32(amax, 32);
+    if ((threadIdx.x & 31) == 0)
+        warp_amax[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        amax = max(amax, warp_amax[i]);
+    const float s = __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+    if (threadIdx.x == 0)
+        scale[tile_n * kb + tile_k] = s;
+    if (tr < rows_per_pass)
+        for (int64_t n = n_lo + tr; n < n_hi; n += rows_per_pass)
+            for (int64_t k = k_lo + tc * 8; k < k_hi; k += tps * 8) {
+                float v[8];
+                load_row8<T, VEC>(x + n * K, k, k_hi, v);
+                store_row8<VEC>(q + n * K, k, k_hi, quant8(v, s));
+            }
+}
+
+static bool pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+static int log2i(int64_t v) {
+    int l = 0;
+    while ((int64_t(1) << l) < v)
+        l++;
+    return l;
+}
+
+template <typename T>
+static int quantize_int8_t(const T *x, int8_t *q, float *scale, int64_t N, int64_t K, int64_t gn, int64_t gk,
+                           cudaStream_t stream) {
+    /* 16-byte loads need every row start aligned: K a multiple of 8 values */
+    const bool vec = aligned16(x) && K % 8 == 0 && (reinterpret_cast<uintptr_t>(q) & 7u) == 0 &&
+                     (gk % 8 == 0 || gk >= K);
+    if (gn == 1 && pow2(gk) && gk >= 32 && gk <= 256) {
+        const int64_t warps = N * ((K + 255) / 256);
+        const unsigned grid = grid_for(warps * 32, 256);
+        if (vec)
+            quant_int8_spans<T, true><<<grid, 256, 0, stream>>>(x, q, scale, N, K, log2i(gk));
+        else
+            quant_int8_spans<T, false><<<grid, 256, 0, stream>>>(x, q, scale, N, K, log2i(gk));
+    } else if (gn == 1 && (gk < K ? gk : K) <= ROWBLOCK_MAX && N <= 65535) {
+        dim3 grid((unsigned)((K + gk - 1) / gk), (unsigned)N);
+        const int64_t width = gk < K ? gk : K;
+        auto run = [&](auto kernel) { kernel<<<grid, 256, 0, stream>>>(x, q, scale, N, K, gk); };
+        if (width <= 2048)
+            vec ? run(quant_int8_rowblock<T, true, 1>) : run(quant_int8_rowblock<T, false, 1>);
+        else if (width <= 4096)
+            vec ? run(quant_int8_rowblock<T, true, 2>) : run(quant_int8_rowblock<T, false, 2>);
+        else if (width <= 8192)
+            vec ? run(quant_int8_rowblock<T, true, 4>) : run(quant_int8_rowblock<T, false, 4>);
+        else
+            vec ? run(quant_int8_rowblock<T, true, 8>) : run(quant_int8_rowblock<T, false, 8>);
+    } else if (gn == 1) {
+        const int64_t warps = N * ((K + gk - 1) / gk);
+        const unsigned grid = grid_for(warps * 32, 256);
+        if (vec)
+            quant_int8_wide<T, true><<<grid, 256, 0, stream>>>(x, q, scale, N, K, gk);
+        else
+            quant_int8_wide<T, false><<<grid, 256, 0, stream>>>(x, q, scale, N, K, gk);
+    } else {
+        if (gk < 8 || (gk % 8) != 0)
+            return CQ_EUNSUPPORTED;
+        dim3 grid((unsigned)((K + gk - 1) / gk), (unsigned)((N + gn - 1) / gn));
+        if (grid.y > 65535)
+            return CQ_EUNSUPPORTED;
+        if (vec)
+            quant_int8_tiles<T, true><<<grid, 256, 0, stream>>>(x, q, scale, N, K, gn, gk);
+        else
+            quant_int8_tiles<T, false><<<grid, 256, 0, stream>>>(x, q, scale, N, K, gn, gk);
+    }
+    return check_launch("quantize_int8");
+}
+
+int launch_quantize_int8(const void *x, int x_dtype, int8_t *q, float *scale, int64_t N, int64_t K, int64_t gn,
+                         int64_t gk, cudaStream_t stream) {
+    if (N <= 0 || K <= 0 || gn <= 0 || gk <= 0)
+        return CQ_EINVAL;
+    return CQ_DISPATCH_FLOAT(x_dtype, T,
+                             quantize_int8_t<T>(static_cast<const T *>(x), q, scale, N, K, gn, gk, stream));
+}
+
+/* ---------------------------------------------------------------- dequantize */
+/* dequant_int8_vec: 16 values of one row a thread (K % 16 == 0); a 16-run lies in
+ * one k-group (gk a power of two >= 16, or the whole row: lg_gk < 0). gn is a power
+ * of two; the index arithmetic is 32-bit where the sizes allow (udiv32). */
+template <typename OutT>
+__global__ void __launch_bounds__(256)
+dequant_int8_vec(const int8_t *__restrict__ q, const float *__restrict__ scale, OutT *__restrict__ y, int64_t N,
+                 int64_t K, int lg_gn, int lg_gk) {
+    const int64_t runs_per_row = K / 16;
+    const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i >= N * runs_per_row)
+        return;
+    const int64_t n = udiv(i, runs_per_row), k = (i - n * runs_per_row) * 16;
+    const int64_t kb = lg_gk < 0 ? 1 : (K + (int64_t(1) << lg_gk) - 1) >> lg_gk;
+    const float s = __ldg(scale + (n >> lg_gn) * kb + (lg_gk < 0 ? 0 : k >> lg_gk));
+    uint4 u = __ldg(reinterpret_cast<const uint4 *>(q + n * K + k));
+    const uint32_t words[4] = {u.x, u.y, u.z, u.w};
+    float v[16];
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+        v[j] = __fmul_rn((float)(int8_t)(words[j >> 2] >> (8 * (j & 3))), s);
+    OutT *o = y + n * K + k;
+    if constexpr (sizeof(OutT) == 4) {
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            reinterpret_cast<float4 *>(o)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            reinterpret_cast<uint4 *>(o)[j] =
+                make_uint4(pack2<OutT>(v[8 * j], v[8 * j + 1]), pack2<OutT>(v[8 * j + 2], v[8 * j + 3]),
+                           pack2<OutT>(v[8 * j + 4], v[8 * j + 5]), pack2<OutT>(v[8 * j + 6], v[8 * j + 7]));
+    }
+}
+
+template <typename OutT>
+__global__ void dequant_int8_scalar(const int8_t *__restrict__ q, const float *__restrict__ scale,
+                                    OutT *__restrict__ y, int64_t N, int64_t K, int64_t gn, int64_t gk) {
+    const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i >= N * K)
+        return;
+    const int64_t n = i / K, k = i - n * K, kb = (K + gk - 1) / gk;
+    y[i] = from_f32<OutT>(__fmul_rn((float)q[i], scale[(n / gn) * kb + k / gk]));
+}
+
+template <typename OutT>
+static int dequantize_int8_t(const int8_t *q, const float *scale, OutT *y, int64_t N, int64_t K, int64_t gn,
+                             int64_t gk, cudaStream_t stream) {
+    if (K % 16 == 0 && ((pow2(gk) && gk >= 16) || gk >= K) && pow2(gn) && aligned16(q) && aligned16(y)) {
+        dequant_int8_vec<OutT><<<grid_for(N * (K / 16), 256), 256, 0, stream>>>(q, scale, y, N, K, log2i(gn),
+                                                                               gk >= K ? -1 : log2i(gk));
+    } else {
+        dequant_int8_scalar<OutT><<<grid_for(N * K, 256), 256, 0, stream>>>(q, scale, y, N, K, gn, gk);
+    }
+    return check_launch("dequantize_int8");
+}
+
+int launch_dequantize_int8(const int8_t *q, const float *scale, void *y, int y_dtype, int64_t N, int64_t K,
+                           int64_t gn, int64_t gk, cudaStream_t stream) {
+    if (N <= 0 || K <= 0 || gn <= 0 || gk <= 0)
+        return CQ_EINVAL;
+    return CQ_DISPATCH_FLOAT(y_dtype, T,
+                             dequantize_int8_t<T>(q, scale, static_cast<T *>(y), N, K, gn, gk, stream));
+}
+
+/* ---------------------------------------------------------------- weight-only linear */
+/* linear_int8_generic: warp per (column n, 8 tokens); exact float32 weights q * scale.
+ * Serves small M (ops.py dequantizes + cuBLAS above FUSED_MAX_M). */
+template <typename T>
+__global__ void __launch_bounds__(256)
+linear_int8_generic(const T *__restrict__ x, const int8_t *__restrict__ wq, const float *__restrict__ ws,
+                    const T *__restrict__ bias, T *__restrict__ y, int64_t M, int64_t N, int64_t K, int64_t gn,
+                    int64_t gk) {
+    const int lane = threadIdx.x & 31;
+    const int64_t n = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const int64_t m0 = blockIdx.y * 8;
+    if (n >= N)
+        return;
+    const int64_t kb = (K + gk - 1) / gk;
+    const float *s = ws + (n / gn) * kb;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t k = lane; k < K; k += 32) {
+        float w = (float)wq[n * K + k] * __ldg(s + k / gk);
+#pragma unroll
+        for (int m = 0; m < 8; m++)
+            if (m0 + m < M)
+                acc[m] = fmaf(to_f32(x[(m0 + m) * K + k]), w, acc[m]);
+    }
+#pragma unroll
+    for (int m = 0; m < 8; m++) {
+        float v = acc[m];
+        for (int o = 16; o > 0; o >>= 1)
+            v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0 && m0 + m < M) {
+            if (bias)
+                v += to_f32(bias[n]);
+            y[(m0 + m) * N + n] = from_f32<T>(v);
+        }
+    }
+}
+
+int launch_linear_int8(const void *x, int dtype, const int8_t *wq, const float *ws, const void *bias, void *y,
+                       int64_t M, int64_t N, int64_t K, int64_t gn, int64_t gk, cudaStream_t stream) {
+    if (M <= 0 || N <= 0 || K <= 0 || gn <= 0 || gk <= 0 || (M + 7) / 8 > 65535)
+        return CQ_EINVAL;
+    return CQ_DISPATCH_FLOAT(dtype, T, [&] {
+        dim3 grid((unsigned)((N + 7) / 8), (unsigned)((M + 7) / 8));
+        linear_int8_generic<T><<<grid, 256, 0, stream>>>(static_cast<const T *>(x), wq, ws,
+                                                         static_cast<const T *>(bias), static_cast<T *>(y), M, N,
+                                                         K, gn, gk);
+        return check_launch("linear_int8");
+    }());
+}
+
+} /* namespace cq */

@@ -1,0 +1,342 @@
+"""CUDA kernels (csrc/cuda) against the reference, on fresh random inputs of awkward shapes.
+
+Quantize / dequantize: bit-identical to the CPU reference (and NF4/FP4 dequantize to
+bitsandbytes' CUDA kernels where bitsandbytes imports with CUDA). Linear: relative error
+against the float32 reference within bf16/f16 rounding. Each kernel path is forced in
+turn (ops.cuda_kernel_variant) so that every compiled path is checked, not only the one
+the dispatcher picks. Outputs land in memory poisoned with 0xFF bytes first (NaN / -1),
+so an element that no thread writes shows up. Skipped without CUDA (conftest.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from comfy_quant_native import layouts as L
+from comfy_quant_native import ops, reference
+
+pytestmark = pytest.mark.cuda
+DEV = "cuda"
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def poison():
+    """Fill the caching allocator's free memory with 0xFF so torch.empty returns garbage."""
+    junk = torch.empty(64 << 20, dtype=torch.uint8, device=DEV)
+    junk.fill_(0xFF)
+    del junk
+
+
+@contextlib.contextmanager
+def variant(knob: str, value: int):
+    before = ops.cuda_kernel_variant(knob, value)
+    try:
+        yield
+    finally:
+        ops.cuda_kernel_variant(knob, before)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.cpu().contiguous(), b.cpu().contiguous()
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.is_floating_point:
+        view = {4: torch.int32, 2: torch.int16}[a.element_size()]
+        return torch.equal(a.view(view), b.view(view))
+    return torch.equal(a, b)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "non-finite output (unwritten element?)"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def tol(dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 1.5e-2
+
+
+def weight(N, K, dtype=torch.float32):
+    """Random weight with a spread of row scales, a zero row and a constant row."""
+    w = torch.randn(N, K) * torch.rand(N, 1).mul(4).exp()
+    if N > 2:
+        w[1] = 0.0
+        w[2] = -1.25
+    return w.to(dtype)
+
+
+# ----------------------------------------------------------------------------- 4-bit
+SHAPES_4BIT = [(1, 1), (1, 7), (3, 21), (63, 1), (65, 1), (1, 4096 + 33), (5, 129), (32, 96), (7, 1000)]
+
+
+@pytest.mark.parametrize("codebook", ["nf4", "fp4"])
+@pytest.mark.parametrize("group", [32, 64, 128, 4096])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_quantize_4bit_bit_exact(codebook, group, dtype):
+    for shape in SHAPES_4BIT + [(group + 1,), (group - 1,)]:
+        x = weight(shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1, dtype).reshape(shape)
+        ref_p, ref_a = reference.quantize_4bit(x, codebook, group)
+        poison()
+        p, a = ops.quantize_4bit(x.to(DEV), codebook, group)
+        assert same_bits(a, ref_a), (shape, "absmax")
+        assert same_bits(p, ref_p), (shape, "packed")
+
+
+def test_quantize_4bit_unaligned_input():
+    base = torch.randn(1 + 3 * 77, dtype=torch.bfloat16)
+    x = base[1:]  # 2-byte offset: the scalar-load path
+    ref = reference.quantize_4bit(x, "nf4", 64)
+    got = ops.quantize_4bit(base.to(DEV)[1:], "nf4", 64)
+    assert same_bits(got[0], ref[0]) and same_bits(got[1], ref[1])
+
+
+def test_quantize_4bit_rejects_nonfinite():
+    x = torch.randn(4, 64, device=DEV)
+    x[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ops.quantize_4bit(x, "nf4", 64)
+
+
+@pytest.mark.parametrize("codebook", ["nf4", "fp4"])
+@pytest.mark.parametrize("group", [32, 64, 256])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_dequantize_4bit_bit_exact(codebook, group, dtype):
+    for n in (1, 7, 31, 32, 33, 64 * 5 + 17, 40000 + 3):
+        packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8)
+        absmax = torch.rand(math.ceil(n / group)) * 3
+        absmax[0] = 0.0
+        ref = reference.dequantize_4bit(packed, absmax, codebook, group, (n,), dtype)
+        poison()
+        got = ops.dequantize_4bit(packed.to(DEV), absmax.to(DEV), codebook, group, (n,), dtype)
+        assert same_bits(got, ref), n
+        # an unaligned packed tensor takes the scalar path
+        buf = torch.cat([torch.zeros(1, dtype=torch.uint8), packed]).to(DEV)
+        got = ops.dequantize_4bit(buf[1:], absmax.to(DEV), codebook, group, (n,), dtype)
+        assert same_bits(got, ref), (n, "unaligned")
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as bf
+    except Exception as e:  # pragma: no cover - depends on the install
+        pytest.skip(f"bitsandbytes unavailable: {e}")
+    return bf
+
+
+@pytest.mark.parametrize("codebook", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_4bit_matches_bitsandbytes_cuda(codebook, dtype):
+    bf = _bnb()
+    w = weight(96, 3 * 64 + 64, dtype).to(DEV)
+    packed, state = bf.quantize_4bit(w, blocksize=64, quant_type=codebook)
+    ref = bf.dequantize_4bit(packed, state)
+    ours = ops.dequantize_4bit(packed.reshape(-1), state.absmax, codebook, 64, tuple(w.shape), dtype)
+    assert same_bits(ours, ref), "dequantize differs from bitsandbytes' CUDA kernel"
+    # quantize: the same codes, except (a) groups whose absmax is 0, where bitsandbytes
+    # writes another code (both dequantize to 0), and (b) values within float rounding of
+    # a midpoint: bitsandbytes' CUDA thresholds are decimal literals, ours the float32
+    # midpoints of formats.h
+    p, a = ops.quantize_4bit(w, codebook, 64)
+    assert same_bits(a, state.absmax)
+    ours_codes = torch.stack([p >> 4, p & 15], 1).reshape(-1)
+    bnb_codes = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).reshape(-1)
+    flat = w.float().reshape(-1, 64)
+    scaled = (flat * torch.where(a > 0, 1.0 / a, torch.zeros_like(a))[:, None]).reshape(-1)
+    table = L.codebook_table(codebook)
+    mids = L.midpoints(table.sort().values if codebook == "nf4" else
+                       torch.tensor(L.FP4_MAG_SORTED, dtype=torch.float64).float()).to(DEV)
+    probe = scaled if codebook == "nf4" else scaled.abs()
+    near = (probe[:, None] - mids[None, :]).abs().min(1).values < 1e-6
+    zero_group = (a == 0).repeat_interleave(64)
+    differ = (ours_codes != bnb_codes) & ~near & ~zero_group
+    assert int(differ.sum()) == 0, f"{int(differ.sum())} codes differ from bitsandbytes"
+
+
+def test_dequantize_absmax_bit_exact():
+    G = 256 * 3 + 11
+    absmax = torch.rand(G) * 2
+    codes, nested, code, offset = reference.quantize_absmax_nested(absmax)
+    ref = reference.dequantize_absmax_nested(codes, nested, code, offset)
+    got = ops.dequantize_absmax_nested(codes.to(DEV), nested.to(DEV), code.to(DEV), float(offset))
+    assert same_bits(got, ref)
+
+
+LINEAR_SHAPES = [(1, 8, 64), (3, 65, 128), (16, 200, 256), (17, 64, 192), (33, 24, 128), (5, 13, 63), (2, 40, 1000)]
+
+
+@pytest.mark.parametrize("path", [0, 1, 2])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_linear_4bit(path, dtype, group):
+    for M, N, K in LINEAR_SHAPES:
+        w = weight(N, K)
+        packed, absmax = reference.quantize_4bit(w, "nf4", group)
+        x = torch.randn(M, K).to(dtype)
+        bias = torch.randn(N).to(dtype) if N % 2 else None
+        ref = reference.linear_4bit(x.float(), packed, absmax, "nf4", group, N, K,
+                                    None if bias is None else bias.float())
+        poison()
+        y = torch.empty(M, N, dtype=dtype, device=DEV)
+        # the launcher takes any M; keep every device tensor alive until it has run
+        xd, pd, ad = x.to(DEV), packed.to(DEV), absmax.to(DEV)
+        bd = None if bias is None else bias.to(DEV)
+        with variant("linear_4bit", path):
+            ops._C.linear_4bit(xd.data_ptr(), L.DTYPE_CODES[dtype], pd.data_ptr(), ad.data_ptr(),
+                               0 if bd is None else bd.data_ptr(), y.data_ptr(), M, N, K, group,
+                               L.CODEBOOK_CODES["nf4"], 1, torch.cuda.current_stream().cuda_stream, 1)
+            torch.cuda.synchronize()
+        assert rel_err(y, ref) < tol(dtype), (M, N, K)
+
+
+@pytest.mark.parametrize("tile", [1, 2, 4])
+@pytest.mark.parametrize("split", [1, 3, 8])
+def test_linear_4bit_skinny_variants(tile, split):
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("skinny kernels need sm_80")
+    M, N, K = 11, 3 * 64 + 8, 8 * 3 * 128
+    w = weight(N, K)
+    packed, absmax = reference.quantize_4bit(w, "fp4", 128)
+    x = torch.randn(M, K).to(torch.bfloat16)
+    ref = reference.linear_4bit(x.float(), packed, absmax, "fp4", 128, N, K)
+    with variant("skinny_tile", tile), variant("split_k", split):
+        y = ops.linear_4bit(x.to(DEV), packed.to(DEV), absmax.to(DEV), "fp4", 128, (N, K))
+    assert rel_err(y, ref) < tol(torch.bfloat16)
+
+
+@pytest.mark.parametrize("M", [1, 16, 100])
+def test_linear_4bit_op_paths(M):
+    """The public op: fused for M <= 16, dequantize + cuBLAS above."""
+    N, K = 96, 256
+    w = weight(N, K)
+    packed, absmax = reference.quantize_4bit(w, "nf4", 64)
+    x = torch.randn(2, M, K, dtype=torch.float16)
+    ref = reference.linear_4bit(x.float(), packed, absmax, "nf4", 64, N, K)
+    y = ops.linear_4bit(x.to(DEV), packed.to(DEV), absmax.to(DEV), "nf4", 64, (N, K))
+    assert y.shape == (2, M, N) and y.dtype == torch.float16
+    assert rel_err(y, ref) < tol(torch.float16)
+
+
+# ----------------------------------------------------------------------------- int8
+INT8_SHAPES = [(1, 1), (1, 33), (7, 5), (130, 129), (64, 512), (257, 300), (3, 1024 + 8)]
+
+
+@pytest.mark.parametrize("layout,group", [("int8_block", 128), ("int8_block", 32), ("int8_lode", 128),
+                                          ("int8_lode", 256), ("int8_lode", 512), ("int8_row", None)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_int8_quantize_dequantize_bit_exact(layout, group, dtype):
+    for N, K in INT8_SHAPES:
+        w = weight(N, K, dtype)
+        ref_q, ref_s = reference.quantize_int8(w, layout, group)
+        poison()
+        q, s = ops.quantize_int8(w.to(DEV), layout, group)
+        assert same_bits(s, ref_s), (N, K, "scale")
+        assert same_bits(q, ref_q), (N, K, "q")
+        for out in FLOATS:
+            ref = reference.dequantize_int8(ref_q, ref_s, layout, group, out)
+            poison()
+            got = ops.dequantize_int8(q, s, layout, group, out)
+            assert same_bits(got, ref), (N, K, out)
+
+
+@pytest.mark.parametrize("group_k", [32, 128, 256, 3072, 5000])
+def test_int8_activation_quantize_bit_exact(group_k):
+    x = torch.randn(37, 3072, dtype=torch.bfloat16) * 3
+    ref = reference.quantize_int8_act(x, group_k)
+    got = ops.quantize_int8_act(x.to(DEV), group_k)
+    assert same_bits(got[0], ref[0]) and same_bits(got[1], ref[1])
+
+
+def test_int8_quantize_rejects_nonfinite():
+    w = torch.randn(8, 256, device=DEV)
+    w[3, 7] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ops.quantize_int8(w, "int8_lode", 128)
+
+
+GEMM_PATHS = {"generic": 1, "skinny": 2, "mma80": 3, "sm90": 4, "sm90_multicast": 5}
+GEMM_SHAPES = [(1, 64, 256), (16, 136, 512), (17, 72, 384), (200, 264, 512), (300, 128, 1024), (5, 40, 1000)]
+
+
+@pytest.mark.parametrize("path", list(GEMM_PATHS))
+@pytest.mark.parametrize("layout,group", [("int8_row", None), ("int8_lode", 128), ("int8_lode", 256),
+                                          ("int8_block", 128), ("int8_block", 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_w8a8_linear(path, layout, group, dtype):
+    if path.startswith("sm90") and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma kernel: sm_90 only")
+    for M, N, K in GEMM_SHAPES:
+        w = weight(N, K)
+        q, s = reference.quantize_int8(w, layout, group)
+        x = torch.randn(M, K).to(dtype)
+        bias = torch.randn(N).to(dtype) if M % 2 else None
+        ref = reference.linear_int8(x.float(), q, s, layout, group, None if bias is None else bias.float())
+        poison()
+        with variant("gemm_int8", GEMM_PATHS[path]):
+            y = ops.linear_int8(x.to(DEV), q.to(DEV), s.to(DEV), layout, group,
+                                None if bias is None else bias.to(DEV))
+        # the activation quantization is bit-identical, so only the sums differ: float32
+        # paths agree to float32 rounding, 16-bit outputs to their own rounding
+        assert rel_err(y, ref) < tol(dtype), (path, M, N, K)
+
+
+@pytest.mark.parametrize("layout,group", [("int8_row", None), ("int8_lode", 128), ("int8_block", 128)])
+def test_w8a8_generic_matches_cpu_bit_for_bit(layout, group):
+    """The generic kernel does the reference's float32 operations in its order."""
+    M, N, K = 9, 33, 384
+    w = weight(N, K)
+    q, s = reference.quantize_int8(w, layout, group)
+    x = torch.randn(M, K)
+    ref = reference.linear_int8(x, q, s, layout, group)
+    with variant("gemm_int8", 1):
+        y = ops.linear_int8(x.to(DEV), q.to(DEV), s.to(DEV), layout, group)
+    assert same_bits(y, ref)
+
+
+@pytest.mark.parametrize("M", [1, 16, 40])
+def test_int8_weight_only(M):
+    N, K = 72, 320
+    w = weight(N, K)
+    q, s = reference.quantize_int8(w, "int8_lode", 64)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    ref = reference.linear_int8(x.float(), q, s, "int8_lode", 64, act_quant=False)
+    y = ops.linear_int8(x.to(DEV), q.to(DEV), s.to(DEV), "int8_lode", 64, act_quant=False)
+    assert rel_err(y, ref) < tol(torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- graphs
+def test_cuda_graph_capture_replays():
+    """Launchers neither allocate nor synchronize: the ops capture into a CUDA graph."""
+    N, K = 256, 512
+    w = weight(N, K).to(DEV)
+    packed, absmax = ops.quantize_4bit(w, "nf4", 64)
+    q, s = ops.quantize_int8(w, "int8_lode", 128)
+    x1 = torch.randn(1, K, dtype=torch.bfloat16, device=DEV)
+    x2 = torch.randn(300, K, dtype=torch.bfloat16, device=DEV)
+
+    def run():
+        return (ops.linear_4bit(x1, packed, absmax, "nf4", 64, (N, K)),
+                ops.linear_4bit(x2, packed, absmax, "nf4", 64, (N, K)),
+                ops.linear_int8(x2, q, s, "int8_lode", 128),
+                ops.linear_int8(x1, q, s, "int8_lode", 128))
+
+    eager = run()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = run()
+    x1.copy_(torch.randn_like(x1))
+    x2.copy_(torch.randn_like(x2))
+    g.replay()
+    torch.cuda.synchronize()
+    fresh = run()
+    for a, b in zip(outs, fresh):
+        assert torch.equal(a, b)
+    assert not torch.equal(outs[0], eager[0])
