@@ -144,7 +144,21 @@ def _nthreads() -> int:
 
 
 # Fused small-M kernels up to this many tokens; above, dequantize + torch GEMM.
-FUSED_MAX_M = {"cpu": 4, "cuda": 16}
+# cpu: the bfloat16 crossover of the 4-bit path; ops' own 4-bit linear refines it per
+# activation dtype (FUSED_MAX_M_4BIT, fused_max_m_4bit()).
+FUSED_MAX_M = {"cpu": 8, "cuda": 16}
+# 4-bit on the CPU, per activation dtype: the fused kernel computes in float32 FMA, the
+# other path dequantizes to x's dtype for torch's GEMM. float32 and float16 pay for a fresh
+# 4-/2-byte weight (page faults of a >32 MB torch.empty each call) and torch's slow
+# float32/float16 GEMMs, so fused wins to ~128 / 64 tokens; bfloat16 has torch's fast
+# AVX512-BF16 GEMM: fused wins only to ~8 (3072x3072) - 16 (3072x12288). Measured with
+# bench/cpu_kernels.py (crossover table, docs/BENCHMARKS.md "CPU kernels").
+FUSED_MAX_M_4BIT = {"cpu": {torch.float32: 128, torch.bfloat16: 8, torch.float16: 64}}
+
+
+def fused_max_m_4bit(backend: str, dtype: torch.dtype) -> int:
+    """Tokens up to which ops.linear_4bit runs the fused kernel for activations of ``dtype``."""
+    return FUSED_MAX_M_4BIT.get(backend, {}).get(dtype, FUSED_MAX_M[backend])
 # int8 weight-only: per activation dtype. On the CPU the other path dequantizes a weight in
 # x's dtype for torch's GEMM; float32 pays for a 4-byte weight and torch's slower float32
 # GEMM, so the fused kernel stays ahead to ~512 tokens, bf16/fp16 to ~32 (measured on
@@ -295,7 +309,7 @@ def _linear_4bit(x, packed, absmax, codebook, group_size, shape, bias) -> torch.
     M = math.prod(lead)
     if M == 0:
         return x.new_empty(*lead, N)
-    if M > FUSED_MAX_M[backend]:
+    if M > fused_max_m_4bit(backend, x.dtype):
         w = _dequantize_4bit(packed, absmax, codebook, group_size, (N, K), x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     dev, stream = _dev(x)

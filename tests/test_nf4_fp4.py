@@ -209,10 +209,10 @@ def linear_tolerance(x, w, b):
 
 
 @pytest.mark.parametrize("codebook", CODEBOOKS)
-@pytest.mark.parametrize("fused", ["always", "default"])
+@pytest.mark.parametrize("fused", ["always", "never", "default"])
 def test_linear_matches_reference(cpu_level, codebook, fused, monkeypatch):
-    if fused == "always":
-        monkeypatch.setitem(ops.FUSED_MAX_M, "cpu", 1 << 30)
+    if fused != "default":  # the fused kernel at every M, or dequantize + torch GEMM
+        monkeypatch.setitem(ops.FUSED_MAX_M_4BIT, "cpu", dict.fromkeys(DTYPES, 1 << 30 if fused == "always" else 0))
     for M, N, K, group in LINEAR_CASES:
         w = torch.randn(N, K)
         packed, absmax = ops.quantize_4bit(w, codebook, group)
