@@ -22,6 +22,7 @@
 #include <windows.h>
 #else
 #include <dlfcn.h>
+#include <sys/mman.h>
 #endif
 
 #include "cpu/convert.h"
@@ -151,6 +152,26 @@ static int check_cpu_f32(int device, int dtype, const char *name) {
 /* enough work per thread that waking it pays off */
 #define MIN_ELEMS_PER_THREAD 32768
 
+/* Ask the kernel for transparent huge pages on a CPU output of >= 4 MiB that torch has
+ * just allocated (a fresh mmap for anything over glibc's 32 MiB threshold): faulting it
+ * in 4 KiB pages cost 3-4x the dequantize kernel itself (docs/BENCHMARKS.md "CPU
+ * kernels"). A hint on the 2 MiB-aligned interior only: no memory is added, pages
+ * already touched stay as they are, and nothing changes where THP is off. */
+static void advise_huge_pages(void *p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    if (bytes < ((int64_t)4 << 20))
+        return;
+    uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    uintptr_t hi = ((uintptr_t)p + (uintptr_t)bytes) & ~(huge - 1);
+    if (hi > lo)
+        (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
 static int64_t min_units(int64_t unit_elems) {
     return unit_elems >= MIN_ELEMS_PER_THREAD ? 1 : MIN_ELEMS_PER_THREAD / (unit_elems > 0 ? unit_elems : 1);
 }
@@ -229,8 +250,10 @@ static PyObject *py_dequantize_4bit(PyObject *module, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     if (device == DEV_CUDA)
         status = st->cuda->dequantize_4bit(c.packed, c.absmax, c.y, y_dtype, n, group, codebook, STREAM(stream));
-    else
+    else {
+        advise_huge_pages(c.y, n * cq_dtype_size(y_dtype));
         status = cq_parallel_for(CQ_CDIV(n, group), 1, nthreads, min_units(group), range_dequantize_4bit, &c);
+    }
     Py_END_ALLOW_THREADS
     return raise_status(st, status, "dequantize_4bit", -1);
 }
@@ -358,8 +381,10 @@ static PyObject *py_dequantize_int8(PyObject *module, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     if (device == DEV_CUDA)
         status = st->cuda->dequantize_int8(c.q, c.scale, c.y, y_dtype, N, K, gn, gk, STREAM(stream));
-    else
+    else {
+        advise_huge_pages(c.y, N * K * cq_dtype_size(y_dtype));
         status = cq_parallel_for(CQ_CDIV(N, gn), 1, nthreads, min_units(gn * K), range_dequantize_int8, &c);
+    }
     Py_END_ALLOW_THREADS
     return raise_status(st, status, "dequantize_int8", -1);
 }
