@@ -118,8 +118,9 @@ int cq_cpu_level_supported(int level);
 /* Fill *out with the kernels of `level`, each NULL entry taken from the next lower level. */
 void cq_cpu_kernels_for_level(int level, cq_cpu_kernels *out);
 
-/* Thread pool (cpu/threads.c): run fn(ctx, begin, end) over [0, units) split into at
- * most nthreads contiguous chunks whose bounds are multiples of `align` units. Returns
+/* Thread pool (cpu/threads.c): run fn(ctx, begin, end) over [0, units) on at most
+ * nthreads threads, split into contiguous chunks (up to 4 per thread, each of about
+ * min_units_per_thread units or more) whose bounds are multiples of `align` units. Returns
  * the first non-OK status. Safe to call from several Python threads at once. */
 typedef int (*cq_range_fn)(void *ctx, int64_t begin, int64_t end);
 int cq_parallel_for(int64_t units, int64_t align, int nthreads, int64_t min_units_per_thread,

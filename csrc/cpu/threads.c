@@ -13,6 +13,7 @@
 #include "../kernels.h"
 
 #define CQ_MAX_THREADS 256
+#define CQ_CHUNKS_PER_THREAD 4
 
 typedef struct cq_job {
     cq_range_fn fn;
@@ -120,8 +121,17 @@ int cq_parallel_for(int64_t units, int64_t align, int nthreads, int64_t min_unit
     if (nthreads <= 1 || pthread_mutex_trylock(&pool.run_lock) != 0)
         return fn(ctx, 0, units);
 
+    /* A few chunks per thread, taken first come first served: when another process holds
+     * one of the cores (shared machines), the threads that do run take over the chunks of
+     * the one that does not, instead of waiting for it at the end. */
+    int64_t blocks = CQ_CDIV(units, align);
+    int64_t nchunks = (int64_t)nthreads * CQ_CHUNKS_PER_THREAD;
+    if (nchunks > useful)
+        nchunks = useful > nthreads ? useful : nthreads;
+    if (nchunks > blocks)
+        nchunks = blocks;
     pthread_once(&atfork_once, install_atfork);
-    cq_job job = {fn, ctx, units, align, nthreads, 0, nthreads, CQ_OK};
+    cq_job job = {fn, ctx, units, align, (int)nchunks, 0, (int)nchunks, CQ_OK};
     pthread_mutex_lock(&pool.lock);
     grow_pool(nthreads - 1);
     pool.job = &job;
