@@ -105,6 +105,8 @@ def parse_args(argv=None):
                          "the estimate-based loader (--disable-dynamic-vram)")
     ap.add_argument("--min-params", type=int, default=None,
                     help="Quantize Model's min_params (default: the node's, 1M; 0 for tiny models)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds: skip what would end past this (the report is written after each config)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the report as markdown here")
     ap.add_argument("--json", default=None, help="also write the raw results as JSON here")
@@ -236,6 +238,10 @@ class EagerDequantLinear(torch.nn.Module):
 
 _NF4_CACHE = {}  # the nf4 Quantize Model clone, shared by nf4 and eager_nf4
 _ARGS = None
+
+
+def _cached(patcher) -> bool:
+    return any(patcher is q for q, _ in _NF4_CACHE.values())
 
 
 def quantized(base, layout):
@@ -404,18 +410,24 @@ def profile_step(step, cuda, rows) -> str:
         step()
         if cuda:
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
     by_op = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
     by_shape = prof.key_averages(group_by_input_shape=True).table(
         sort_by=key, row_limit=rows, max_name_column_width=40, max_shapes_column_width=60)
     return f"top ops:\n{by_op}\ntop ops by input shape:\n{by_shape}"
 
 
-def rel_err(out, ref) -> float | None:
-    if out is None or ref is None:
+def prediction(out, inputs):
+    """The model's output (flow prediction) from apply_model's denoised latent
+    (x - sigma * prediction for Flux): the denoised latent carries x itself, which would
+    hide errors."""
+    return ((inputs.x.float() - out.float()) / inputs.sigma.float()).cpu()
+
+
+def rel_err(pred, ref) -> float | None:
+    if pred is None or ref is None:
         return None
-    o = out.detach().float().cpu()
-    return float((o - ref).norm() / ref.norm().clamp_min(1e-30))
+    return float((pred - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 # ----------------------------------------------------------------------------- one config
@@ -423,7 +435,7 @@ def run_config(name, base, inputs, args, results, ref):
     import comfy.model_management as mm
 
     cuda = args.device == "cuda"
-    row = dict(format=name, note="", eager_ms=None, compiled_ms=None, peak_gib=None, gpu_gib=None,
+    row = dict(format=name, note="", setup_s=None, eager_ms=None, compiled_ms=None, peak_gib=None, gpu_gib=None,
                weight_bytes=None, rel_err=None, finite=None, error=None, compile_error=None, profile=None,
                times=None, compiled_times=None)
     results.append(row)
@@ -433,6 +445,7 @@ def run_config(name, base, inputs, args, results, ref):
         patcher, row["note"] = make_config(name, base, args)
         alloc0 = torch.cuda.memory_allocated() if cuda else 0
         load_for_sampling(patcher, inputs)
+        row["setup_s"] = time.time() - t_start
         row["weight_bytes"] = weight_bytes(patcher)
         row["gpu_gib"] = ((torch.cuda.memory_allocated() - alloc0) if cuda else row["weight_bytes"]) / GiB
         step = make_step(patcher, inputs)
@@ -443,10 +456,11 @@ def run_config(name, base, inputs, args, results, ref):
             if cuda:
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
             row["finite"] = bool(torch.isfinite(out).all())
+            pred = prediction(out, inputs)
             if name == "bf16":
-                ref["out"] = out.detach().float().cpu()
-            row["rel_err"] = rel_err(out, ref.get("out"))
-            del out
+                ref["pred"] = pred
+            row["rel_err"] = rel_err(pred, ref.get("pred"))
+            del out, pred
             if not args.no_compile and (args.compile_formats is None or name in args.compile_formats):
                 row["compiled_ms"], row["compiled_times"], row["compile_error"] = run_compiled(patcher, step, args, cuda)
             row["_step"] = step  # kept for --profile after the targets are known
@@ -457,8 +471,9 @@ def run_config(name, base, inputs, args, results, ref):
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         traceback.print_exc()
     row["seconds"] = time.time() - t_start
-    print(f"# {name}: {fmt_ms(row['eager_ms'])} ms eager, {fmt_ms(row['compiled_ms'])} ms compiled, "
-          f"{row['seconds']:.1f} s{'; ERROR ' + row['error'] if row['error'] else ''}", flush=True)
+    print(f"# {name}: {fmt_ms(row['eager_ms'])} ms eager, {fmt_ms(row['compiled_ms'])} ms compiled; "
+          f"{fmt(row['setup_s'], '{:.1f}')} s to make and load, {row['seconds']:.1f} s in all"
+          f"{'; ERROR ' + row['error'] if row['error'] else ''}", flush=True)
     return patcher
 
 
@@ -488,8 +503,8 @@ def release(row, patcher, base):
     row.pop("_step", None)
     row.pop("_patcher", None)
     unload_all()
-    if patcher is not None and patcher is not base:
-        patcher.object_patches.clear()
+    if patcher is not None and patcher is not base and not _cached(patcher):
+        patcher.object_patches.clear()  # drop the quantized layers now, not at the next gc
     free_memory()
 
 
@@ -534,7 +549,7 @@ def run_lowvram(name, base, inputs, args, lowvram_rows):
         unload_all()
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0)
-        if patcher is not None and patcher is not base:
+        if patcher is not None and patcher is not base and not _cached(patcher):
             patcher.object_patches.clear()
         free_memory()
     print(f"# lowvram {name}: {fmt_ms(row['ms'])} ms, offloaded {row['offloaded']}"
@@ -544,6 +559,10 @@ def run_lowvram(name, base, inputs, args, lowvram_rows):
 # ----------------------------------------------------------------------------- report
 def fmt_ms(v):
     return "-" if v is None else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def err_text(error: str) -> str:
+    return error if error.startswith("skipped") else "ERROR: " + error
 
 
 def fmt(v, spec="{:.2f}"):
@@ -613,11 +632,11 @@ def report(args, env, rows, lowvram_rows) -> str:
     bf16 = by.get("bf16", {})
     out = ["# comfy-quant-native end-to-end: Flux step in ComfyUI", ""] + [f"- {line}" for line in env] + [""]
     out += ["| format | step ms | x bf16 | compiled ms | x bf16 (c) | peak VRAM GiB | weights GiB on GPU | "
-            "weight bytes x bf16 | rel err vs bf16 | targets (eager) | targets (compiled) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "weight bytes x bf16 | rel err vs bf16 | targets (eager) | targets (compiled) | setup s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["error"]:
-            out.append(f"| {r['format']} | ERROR: {r['error']} |  |  |  |  |  |  |  |  |  |")
+            out.append(f"| {r['format']} | {err_text(r['error'])} |  |  |  |  |  |  |  |  |  |  |")
             continue
         ratio = r["eager_ms"] / bf16["eager_ms"] if r["eager_ms"] and bf16.get("eager_ms") else None
         cratio = r["compiled_ms"] / bf16["compiled_ms"] if r["compiled_ms"] and bf16.get("compiled_ms") else None
@@ -626,14 +645,15 @@ def report(args, env, rows, lowvram_rows) -> str:
         err = fmt(r["rel_err"], "{:.4f}") + ("" if r["finite"] in (None, True) else " (non-finite!)")
         out.append(f"| {r['format']} | {fmt_ms(r['eager_ms'])} | {fmt(ratio)} | {compiled} | {fmt(cratio)} | "
                    f"{fmt(r['peak_gib'])} | {fmt(r['gpu_gib'])} | {fmt(wratio, '{:.3f}')} | {err} | "
-                   f"{'; '.join(verdicts(r, by, 'eager_ms')) or '-'} | {'; '.join(verdicts(r, by, 'compiled_ms')) or '-'} |")
+                   f"{'; '.join(verdicts(r, by, 'eager_ms')) or '-'} | {'; '.join(verdicts(r, by, 'compiled_ms')) or '-'} | "
+                   f"{fmt(r.get('setup_s'), '{:.0f}')} |")
     out += ["", "Paths: " + "; ".join(f"{r['format']}: {r['note']}" for r in rows if r["note"]), ""]
     if lowvram_rows:
         out += [f"## Low VRAM: ComfyUI limited to {args.lowvram_gb:g} GiB", "",
                 "| format | step ms | loaded GiB / model GiB | offloaded | peak VRAM GiB |", "|---|---|---|---|---|"]
         for r in lowvram_rows:
             if r["error"]:
-                out.append(f"| {r['format']} | ERROR: {r['error']} |  |  |  |")
+                out.append(f"| {r['format']} | {err_text(r['error'])} |  |  |  |")
             else:
                 out.append(f"| {r['format']} | {fmt_ms(r['ms'])} | {fmt(r['loaded_gib'])} / {fmt(r['model_gib'])} | "
                            f"{'yes' if r['offloaded'] else 'no'} | {fmt(r['peak_gib'])} |")
@@ -650,7 +670,7 @@ def compact(rows, lowvram_rows) -> str:
     lines = ["format       eager ms  x bf16  compiled ms  x bf16  peak GiB  weights x bf16  targets"]
     for r in rows:
         if r["error"]:
-            lines.append(f"{r['format']:<12} ERROR {r['error'][:90]}")
+            lines.append(f"{r['format']:<12} {err_text(r['error'])[:100]}")
             continue
         ratio = r["eager_ms"] / bf16["eager_ms"] if r["eager_ms"] and bf16.get("eager_ms") else None
         cratio = r["compiled_ms"] / bf16["compiled_ms"] if r["compiled_ms"] and bf16.get("compiled_ms") else None
@@ -660,18 +680,44 @@ def compact(rows, lowvram_rows) -> str:
                      f"{fmt(cratio):>6}  {fmt(r['peak_gib']):>8}  {fmt(wratio, '{:.3f}'):>14}  {'; '.join(v)}")
     for r in lowvram_rows:
         lines.append(f"lowvram {r['budget_gib']:g} GiB {r['format']}: "
-                     + (f"ERROR {r['error'][:90]}" if r["error"] else
+                     + (err_text(r["error"])[:100] if r["error"] else
                         f"{fmt_ms(r['ms'])} ms, offloaded {'yes' if r['offloaded'] else 'no'}, "
                         f"loaded {fmt(r['loaded_gib'])}/{fmt(r['model_gib'])} GiB"))
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
+def write_outputs(args, env, rows, lowvram_rows, t0, final=False) -> str:
+    """The markdown report (and JSON) as it stands: written after every configuration, so
+    that a run stopped at a time limit still leaves what it measured."""
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    md = report(args, env, clean, lowvram_rows)
+    md += f"\n\n{'Total' if final else 'Partial (still running):'} run time {time.time() - t0:.0f} s.\n"
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".tmp", "w") as f:
+            f.write(md)
+        os.replace(args.out + ".tmp", args.out)
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(dict(env=env, rows=clean, lowvram=lowvram_rows, args=vars(args)), f, indent=1, default=str)
+        os.replace(args.json + ".tmp", args.json)
+    return md
+
+
+def over_budget(args, t0, durations) -> bool:
+    """True when the next piece of work (estimated as the longest one so far) would end
+    past --time-budget."""
+    if args.time_budget is None:
+        return False
+    return time.time() - t0 + (max(durations) if durations else 0.0) > args.time_budget
+
+
 def main(argv=None):
     global _ARGS
+    t0 = time.time()
     args = _ARGS = parse_args(argv)
     import_comfyui(args)
-    t0 = time.time()
     env = environment(args)
     print("\n".join("# " + line for line in env), flush=True)
     inputs = Inputs(args)
@@ -682,9 +728,14 @@ def main(argv=None):
         traceback.print_exc()
         rows.append(dict(format="bf16", error=f"loading the model: {type(e).__name__}: {e}", note=""))
         base = None
-    print(f"# model loaded in {time.time() - t0:.1f} s", flush=True)
+    print(f"# ComfyUI imported and the bf16 model loaded in {time.time() - t0:.1f} s", flush=True)
+    durations = []
     if base is not None:
         for name in args.formats:
+            if over_budget(args, t0, durations):
+                rows.append(dict(format=name, error=f"skipped: --time-budget {args.time_budget:g} s", note=""))
+                continue
+            start = time.time()
             patcher = run_config(name, base, inputs, args, rows, ref)
             row = rows[-1]
             if args.profile == "missed" and not row["error"] and missed(row, {r["format"]: r for r in rows}):
@@ -694,23 +745,25 @@ def main(argv=None):
                 except Exception as e:  # noqa: BLE001
                     row["profile"] = f"profile failed: {type(e).__name__}: {e}"
             release(row, patcher, base)
+            durations.append(time.time() - start)
+            write_outputs(args, env, rows, lowvram_rows, t0)
         if not args.no_lowvram:
             for name in args.lowvram_formats:
+                if over_budget(args, t0, durations):
+                    lowvram_rows.append(dict(format=name, budget_gib=args.lowvram_gb,
+                                             error=f"skipped: --time-budget {args.time_budget:g} s"))
+                    continue
+                start = time.time()
                 run_lowvram(name, base, inputs, args, lowvram_rows)
-    for r in rows:
-        r.pop("_step", None)
-        r.pop("_patcher", None)
-    md = report(args, env, rows, lowvram_rows)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(md + f"\n\nTotal run time {time.time() - t0:.0f} s.\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(env=env, rows=rows, lowvram=lowvram_rows, args=vars(args)), f, indent=1, default=str)
+                durations.append(time.time() - start)
+                write_outputs(args, env, rows, lowvram_rows, t0)
+    md = write_outputs(args, env, rows, lowvram_rows, t0, final=True)
     print("\n" + md + "\n")
-    print(f"# total {time.time() - t0:.0f} s\n")
-    print(compact(rows, lowvram_rows))
+    print(compact(rows, lowvram_rows), flush=True)
+    # Patchers released while the interpreter still works (ModelPatcher.__del__ needs ComfyUI).
+    _NF4_CACHE.clear()
+    del base
+    gc.collect()
     return rows, lowvram_rows
 
 
