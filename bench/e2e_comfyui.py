@@ -112,6 +112,8 @@ def parse_args(argv=None):
     ap.add_argument("--json", default=None, help="also write the raw results as JSON here")
     ap.add_argument("--verbose", action="store_true", help="ComfyUI's INFO logging")
     args = ap.parse_args(argv)
+    if args.depth_double < 1 or args.depth_single < 0:
+        ap.error("--depth-double must be >= 1 (ComfyUI detects Flux by its double blocks)")
     if args.hidden % 128:
         ap.error("--hidden must be a multiple of 128 (Flux heads are 128 wide)")
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -123,8 +125,8 @@ def parse_args(argv=None):
     # bf16 first (every ratio is to it), then the eager baseline (ours are compared with it,
     # and a format that misses is profiled while it is still loaded).
     args.formats.sort(key=lambda f: (f != "bf16", f != BASELINE))
-    args.compile_formats = (None if args.compile_formats is None
-                            else [f.strip() for f in args.compile_formats.split(",") if f.strip()])
+    if args.compile_formats is not None:  # bf16 too: the compiled column's ratios are to it
+        args.compile_formats = ["bf16"] + [f.strip() for f in args.compile_formats.split(",") if f.strip()]
     args.lowvram_formats = [f.strip() for f in args.lowvram_formats.split(",") if f.strip()]
     return args
 
@@ -237,19 +239,18 @@ class EagerDequantLinear(torch.nn.Module):
 
 
 _NF4_CACHE = {}  # the nf4 Quantize Model clone, shared by nf4 and eager_nf4
-_ARGS = None
 
 
 def _cached(patcher) -> bool:
     return any(patcher is q for q, _ in _NF4_CACHE.values())
 
 
-def quantized(base, layout):
+def quantized(base, layout, args):
     from comfy_quant_native.comfy import quantize
 
     if layout == "nf4" and "nf4" in _NF4_CACHE:
         return _NF4_CACHE["nf4"]
-    kwargs = {} if _ARGS.min_params is None else {"min_params": _ARGS.min_params}
+    kwargs = {} if args.min_params is None else {"min_params": args.min_params}
     q = quantize.quantize_model(base, layout, **kwargs)
     if layout == "nf4":
         _NF4_CACHE["nf4"] = q
@@ -263,10 +264,10 @@ def make_config(name, base, args):
         return base, (f"ComfyUI {type(first_block_linear(base)).__qualname__}, weights {base.model_dtype()}, "
                       f"compute {m.manual_cast_dtype or base.model_dtype()}")
     if name in OURS:
-        q, summary = quantized(base, name)
+        q, summary = quantized(base, name, args)
         return q, "Quantize Model: " + summary.split(";")[0]
     if name == BASELINE:
-        q, _ = quantized(base, "nf4")
+        q, _ = quantized(base, "nf4", args)
         eager = base.clone()
         for key, module in q.object_patches.items():
             if getattr(module, "comfy_quant_layout", None) is not None:
@@ -287,9 +288,10 @@ def make_config(name, base, args):
 
 
 def first_block_linear(patcher):
+    """The first block's first Linear as the patcher runs it (its object patch, if any)."""
     dm = patcher.model.diffusion_model
-    key = "diffusion_model.double_blocks.0.img_attn.qkv"
-    return patcher.object_patches.get(key) or dm.double_blocks[0].img_attn.qkv
+    name = "double_blocks.0.img_attn.qkv" if len(dm.double_blocks) else "single_blocks.0.linear1"
+    return patcher.object_patches.get("diffusion_model." + name) or dm.get_submodule(name)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -732,9 +734,8 @@ def over_budget(args, t0, durations) -> bool:
 
 
 def main(argv=None):
-    global _ARGS
     t0 = time.time()
-    args = _ARGS = parse_args(argv)
+    args = parse_args(argv)
     import_comfyui(args)
     env = environment(args)
     print("\n".join("# " + line for line in env), flush=True)
