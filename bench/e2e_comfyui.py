@@ -94,7 +94,9 @@ def parse_args(argv=None):
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: None)")
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--no-lowvram", action="store_true", help="skip the low-VRAM runs")
-    ap.add_argument("--lowvram-gb", type=float, default=12.0)
+    ap.add_argument("--lowvram-gb", default="12",
+                    help="the card to emulate, GiB; 'auto': a 12 GiB card scaled to this model's share of "
+                         "Flux-dev's bf16 bytes (for runs with fewer blocks)")
     ap.add_argument("--lowvram-formats", default="bf16,nf4")
     ap.add_argument("--lowvram-steps", type=int, default=3)
     ap.add_argument("--profile", nargs="?", const="missed", default=None,
@@ -128,6 +130,11 @@ def parse_args(argv=None):
     if args.compile_formats is not None:  # bf16 too: the compiled column's ratios are to it
         args.compile_formats = ["bf16"] + [f.strip() for f in args.compile_formats.split(",") if f.strip()]
     args.lowvram_formats = [f.strip() for f in args.lowvram_formats.split(",") if f.strip()]
+    if args.lowvram_gb != "auto":
+        try:
+            args.lowvram_gb = float(args.lowvram_gb)
+        except ValueError:
+            ap.error("--lowvram-gb takes a number of GiB or 'auto'")
     return args
 
 
@@ -526,29 +533,54 @@ def release(row, patcher, base):
 
 
 # ----------------------------------------------------------------------------- low VRAM
+def lowvram_budget(args, base, inputs) -> tuple[int, int, str]:
+    """(card bytes, weight bytes ComfyUI can load in it, description). ComfyUI keeps
+    its reserve plus the larger of 0.8 GiB and the model's memory estimate for this
+    latent free for inference (model_management.load_models_gpu); the rest takes weights."""
+    import comfy.model_management as mm
+    import comfy.sampler_helpers
+
+    _, mem_min = comfy.sampler_helpers.estimate_memory(base, inputs.noise_shape, {})
+    overhead = mm.extra_reserved_memory() + max(0.8 * GiB, mem_min)
+    if args.lowvram_gb == "auto":
+        parts = weight_bytes(base)
+        share = parts["total"] / full_depth_bytes(parts, args)
+        weights = (12 * GiB - overhead) * share
+        card = overhead + weights
+        desc = (f"a 12 GiB card scaled to this model ({share:.3f} of Flux-dev's bf16 bytes): {card / GiB:.2f} GiB, "
+                f"{weights / GiB:.2f} GiB of it for weights")
+    else:
+        card = args.lowvram_gb * GiB
+        weights = card - overhead
+        desc = f"{args.lowvram_gb:g} GiB, {weights / GiB:.2f} GiB of it for weights"
+    return int(card), int(max(weights, 1)), desc
+
+
 def run_lowvram(name, base, inputs, args, lowvram_rows):
     import comfy.model_management as mm
 
     cuda = args.device == "cuda"
-    budget = int(args.lowvram_gb * GiB)
-    row = dict(format=name, budget_gib=args.lowvram_gb, ms=None, loaded_gib=None, model_gib=None,
+    row = dict(format=name, budget_gib=None, budget=None, ms=None, loaded_gib=None, model_gib=None,
                offloaded=None, peak_gib=None, error=None)
     lowvram_rows.append(row)
     patcher = None
     old_reserved = mm.EXTRA_RESERVED_VRAM
     try:
         unload_all()
+        card, weights, row["budget"] = lowvram_budget(args, base, inputs)
+        row["budget_gib"] = card / GiB
         if cuda:
             total = torch.cuda.get_device_properties(mm.get_torch_device()).total_memory
-            # What --reserve-vram (total - budget) does; the allocator cap makes the budget real.
-            mm.EXTRA_RESERVED_VRAM = max(0, total - budget)
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+            # A card of `card` bytes: what --reserve-vram (total - card, on top of the usual
+            # reserve) makes ComfyUI plan with; the allocator cap makes the limit real.
+            mm.EXTRA_RESERVED_VRAM = old_reserved + max(0, total - card)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, card / total))
         patcher, _ = make_config(name, base, args)
-        load_for_sampling(patcher, inputs, lowvram_budget=budget)
+        load_for_sampling(patcher, inputs, lowvram_budget=weights)
         row["model_gib"] = patcher.model_size() / GiB
         row["loaded_gib"] = patcher.loaded_size() / GiB
-        row["offloaded"] = bool(getattr(patcher.model, "model_lowvram", False)) or \
-            patcher.loaded_size() < patcher.model_size() * 0.999
+        # The estimate-based loader sets model_lowvram when it left any layer in system RAM.
+        row["offloaded"] = bool(getattr(patcher.model, "model_lowvram", False))
         with torch.inference_mode():
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -669,7 +701,8 @@ def report(args, env, rows, lowvram_rows) -> str:
                    f"{fmt(r.get('setup_s'), '{:.0f}')} |")
     out += ["", "Paths: " + "; ".join(f"{r['format']}: {r['note']}" for r in rows if r["note"]), ""]
     if lowvram_rows:
-        out += [f"## Low VRAM: ComfyUI limited to {args.lowvram_gb:g} GiB", "",
+        budget = next((r["budget"] for r in lowvram_rows if r.get("budget")), "?")
+        out += [f"## Low VRAM: ComfyUI limited to {budget}", "",
                 "| format | step ms | loaded GiB / model GiB | offloaded | peak VRAM GiB |", "|---|---|---|---|---|"]
         for r in lowvram_rows:
             if r["error"]:
@@ -699,7 +732,7 @@ def compact(rows, lowvram_rows) -> str:
         lines.append(f"{r['format']:<12} {fmt_ms(r['eager_ms']):>8}  {fmt(ratio):>6}  {fmt_ms(r['compiled_ms']):>11}  "
                      f"{fmt(cratio):>6}  {fmt(r['peak_gib']):>8}  {fmt(wratio, '{:.3f}'):>14}  {'; '.join(v)}")
     for r in lowvram_rows:
-        lines.append(f"lowvram {r['budget_gib']:g} GiB {r['format']}: "
+        lines.append(f"lowvram {fmt(r['budget_gib'])} GiB {r['format']}: "
                      + (err_text(r["error"])[:100] if r["error"] else
                         f"{fmt_ms(r['ms'])} ms, offloaded {'yes' if r['offloaded'] else 'no'}, "
                         f"loaded {fmt(r['loaded_gib'])}/{fmt(r['model_gib'])} GiB"))
@@ -769,7 +802,7 @@ def main(argv=None):
         if not args.no_lowvram:
             for name in args.lowvram_formats:
                 if over_budget(args, t0, durations):
-                    lowvram_rows.append(dict(format=name, budget_gib=args.lowvram_gb,
+                    lowvram_rows.append(dict(format=name, budget_gib=None,
                                              error=f"skipped: --time-budget {args.time_budget:g} s"))
                     continue
                 start = time.time()
