@@ -62,18 +62,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
 
-OURS = ("nf4", "fp4", "int8_block", "int8_lode", "int8_row")
-STOCK_FP8 = ("fp8", "fp8_fast", "fp8_scaled")
-BASELINE = "eager_nf4"
-ALL_FORMATS = ("bf16",) + OURS + STOCK_FP8 + (BASELINE,)
-DEFAULT_FORMATS = "bf16,nf4,fp4,int8_block,int8_lode,int8_row,fp8,fp8_fast,eager_nf4"
-# Issue 6 targets: step time ratio to bf16 (at most), weight bytes ratio (at most).
-TIME_TARGET = {"nf4": 1.10, "fp4": 1.10, "int8_lode": 0.80, "int8_row": 0.80, "int8_block": 0.90}
-BYTES_TARGET = {"nf4": 0.30, "fp4": 0.30}
-VS_EAGER_TARGET = 2.5  # each of ours at least this much faster than eager_nf4
+from e2e_report import (  # noqa: E402
+    ALL_FORMATS,
+    BASELINE,
+    DEFAULT_FORMATS,
+    GiB,
+    OURS,
+    compact,
+    fmt,
+    fmt_ms,
+    missed,
+    report,
+)
 CONTEXT_DIM, VEC_DIM, IN_CH = 4096, 768, 64  # T5-XXL, CLIP-L pooled, 16 latent channels x 2x2 patch
-GiB = 2 ** 30
 
 
 def parse_args(argv=None):
@@ -99,6 +102,7 @@ def parse_args(argv=None):
                          "Flux-dev's bf16 bytes (for runs with fewer blocks)")
     ap.add_argument("--lowvram-formats", default="bf16,nf4")
     ap.add_argument("--lowvram-steps", type=int, default=3)
+    ap.add_argument("--lowvram-last", action="store_true", help="run the low-VRAM part after the formats")
     ap.add_argument("--profile", nargs="?", const="missed", default=None,
                     help="per-op profile of formats that miss a target ('all': every format)")
     ap.add_argument("--profile-rows", type=int, default=15)
@@ -455,12 +459,10 @@ def rel_err(pred, ref) -> float | None:
 
 # ----------------------------------------------------------------------------- one config
 def run_config(name, base, inputs, args, results, ref):
-    import comfy.model_management as mm
-
     cuda = args.device == "cuda"
     row = dict(format=name, note="", setup_s=None, eager_ms=None, compiled_ms=None, peak_gib=None, gpu_gib=None,
-               weight_bytes=None, full_depth_bytes=None, rel_err=None, finite=None, error=None, compile_error=None, profile=None,
-               times=None, compiled_times=None)
+               weight_bytes=None, full_depth_bytes=None, rel_err=None, finite=None, error=None,
+               compile_error=None, profile=None, times=None, compiled_times=None)
     results.append(row)
     patcher = None
     t_start = time.time()
@@ -605,42 +607,7 @@ def run_lowvram(name, base, inputs, args, lowvram_rows):
           f"{'; ERROR ' + row['error'] if row['error'] else ''}", flush=True)
 
 
-# ----------------------------------------------------------------------------- report
-def fmt_ms(v):
-    return "-" if v is None else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
-
-
-def err_text(error: str) -> str:
-    return error if error.startswith("skipped") else "ERROR: " + error
-
-
-def fmt(v, spec="{:.2f}"):
-    return "-" if v is None else spec.format(v)
-
-
-def verdicts(row, rows_by_name, column) -> list[str]:
-    """The issue's targets for ``row`` in ``column`` ('eager_ms' or 'compiled_ms')."""
-    name = row["format"]
-    bf16, base = rows_by_name.get("bf16"), rows_by_name.get(BASELINE)
-    t = row.get(column)
-    out = []
-    if name in TIME_TARGET and t is not None and bf16 and bf16.get(column):
-        r = t / bf16[column]
-        out.append(f"time {r:.2f}<={TIME_TARGET[name]:.2f} {'ok' if r <= TIME_TARGET[name] else 'MISS'}")
-    if column == "eager_ms" and name in BYTES_TARGET and row.get("full_depth_bytes") and bf16 \
-            and bf16.get("full_depth_bytes"):
-        r = row["full_depth_bytes"] / bf16["full_depth_bytes"]  # = weight bytes ratio at full depth
-        out.append(f"bytes {r:.3f}<={BYTES_TARGET[name]:.2f} {'ok' if r <= BYTES_TARGET[name] else 'MISS'}")
-    if name in OURS and t is not None and base and base.get(column):
-        s = base[column] / t
-        out.append(f"vs eager {s:.1f}x>={VS_EAGER_TARGET} {'ok' if s >= VS_EAGER_TARGET else 'MISS'}")
-    return out
-
-
-def missed(row, rows_by_name) -> bool:
-    return any("MISS" in v for col in ("eager_ms", "compiled_ms") for v in verdicts(row, rows_by_name, col))
-
-
+# ----------------------------------------------------------------------------- environment
 def environment(args) -> list[str]:
     import comfy.model_management as mm
     from comfy_quant_native import ops
@@ -677,68 +644,6 @@ def environment(args) -> list[str]:
     return lines
 
 
-def report(args, env, rows, lowvram_rows) -> str:
-    by = {r["format"]: r for r in rows}
-    bf16 = by.get("bf16", {})
-    out = ["# comfy-quant-native end-to-end: Flux step in ComfyUI", ""] + [f"- {line}" for line in env] + [""]
-    out += ["| format | step ms | x bf16 | compiled ms | x bf16 (c) | peak VRAM GiB | weights GiB on GPU | "
-            "weight bytes x bf16 | same at 19+38 blocks | rel err vs bf16 | targets (eager) | targets (compiled) | "
-            "setup s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["error"]:
-            out.append(f"| {r['format']} | {err_text(r['error'])} |  |  |  |  |  |  |  |  |  |  |  |")
-            continue
-        ratio = r["eager_ms"] / bf16["eager_ms"] if r["eager_ms"] and bf16.get("eager_ms") else None
-        cratio = r["compiled_ms"] / bf16["compiled_ms"] if r["compiled_ms"] and bf16.get("compiled_ms") else None
-        wratio = r["weight_bytes"] / bf16["weight_bytes"] if r["weight_bytes"] and bf16.get("weight_bytes") else None
-        fratio = (r["full_depth_bytes"] / bf16["full_depth_bytes"]
-                  if r.get("full_depth_bytes") and bf16.get("full_depth_bytes") else None)
-        compiled = fmt_ms(r["compiled_ms"]) if not r["compile_error"] else f"error: {r['compile_error'][:80]}"
-        err = fmt(r["rel_err"], "{:.4f}") + ("" if r["finite"] in (None, True) else " (non-finite!)")
-        out.append(f"| {r['format']} | {fmt_ms(r['eager_ms'])} | {fmt(ratio)} | {compiled} | {fmt(cratio)} | "
-                   f"{fmt(r['peak_gib'])} | {fmt(r['gpu_gib'])} | {fmt(wratio, '{:.3f}')} | {fmt(fratio, '{:.3f}')} | {err} | "
-                   f"{'; '.join(verdicts(r, by, 'eager_ms')) or '-'} | {'; '.join(verdicts(r, by, 'compiled_ms')) or '-'} | "
-                   f"{fmt(r.get('setup_s'), '{:.0f}')} |")
-    out += ["", "Paths: " + "; ".join(f"{r['format']}: {r['note']}" for r in rows if r["note"]), ""]
-    if lowvram_rows:
-        budget = next((r["budget"] for r in lowvram_rows if r.get("budget")), "?")
-        out += [f"## Low VRAM: ComfyUI limited to {budget}", "",
-                "| format | step ms | loaded GiB / model GiB | offloaded | peak VRAM GiB |", "|---|---|---|---|---|"]
-        for r in lowvram_rows:
-            if r["error"]:
-                out.append(f"| {r['format']} | {err_text(r['error'])} |  |  |  |")
-            else:
-                out.append(f"| {r['format']} | {fmt_ms(r['ms'])} | {fmt(r['loaded_gib'])} / {fmt(r['model_gib'])} | "
-                           f"{'yes' if r['offloaded'] else 'no'} | {fmt(r['peak_gib'])} |")
-        out.append("")
-    for r in rows:
-        if r.get("profile"):
-            out += [f"## Profile: {r['format']}", "", "```", r["profile"], "```", ""]
-    return "\n".join(out)
-
-
-def compact(rows, lowvram_rows) -> str:
-    by = {r["format"]: r for r in rows}
-    bf16 = by.get("bf16", {})
-    lines = ["format       eager ms  x bf16  compiled ms  x bf16  peak GiB  weights x bf16  targets"]
-    for r in rows:
-        if r["error"]:
-            lines.append(f"{r['format']:<12} {err_text(r['error'])[:100]}")
-            continue
-        ratio = r["eager_ms"] / bf16["eager_ms"] if r["eager_ms"] and bf16.get("eager_ms") else None
-        cratio = r["compiled_ms"] / bf16["compiled_ms"] if r["compiled_ms"] and bf16.get("compiled_ms") else None
-        wratio = r["weight_bytes"] / bf16["weight_bytes"] if r["weight_bytes"] and bf16.get("weight_bytes") else None
-        v = verdicts(r, by, "eager_ms") + [f"(c) {x}" for x in verdicts(r, by, "compiled_ms")]
-        lines.append(f"{r['format']:<12} {fmt_ms(r['eager_ms']):>8}  {fmt(ratio):>6}  {fmt_ms(r['compiled_ms']):>11}  "
-                     f"{fmt(cratio):>6}  {fmt(r['peak_gib']):>8}  {fmt(wratio, '{:.3f}'):>14}  {'; '.join(v)}")
-    for r in lowvram_rows:
-        lines.append(f"lowvram {fmt(r['budget_gib'])} GiB {r['format']}: "
-                     + (err_text(r["error"])[:100] if r["error"] else
-                        f"{fmt_ms(r['ms'])} ms, offloaded {'yes' if r['offloaded'] else 'no'}, "
-                        f"loaded {fmt(r['loaded_gib'])}/{fmt(r['model_gib'])} GiB"))
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- main
 def write_outputs(args, env, rows, lowvram_rows, t0, final=False) -> str:
     """The markdown report (and JSON) as it stands: written after every configuration, so
@@ -759,11 +664,12 @@ def write_outputs(args, env, rows, lowvram_rows, t0, final=False) -> str:
 
 
 def over_budget(args, t0, durations) -> bool:
-    """True when the next piece of work (estimated as the longest one so far) would end
-    past --time-budget."""
+    """True when the next piece of work (estimated as the mean of those so far) would end
+    past --time-budget. An overshoot loses only the piece in flight: the report on disk
+    is rewritten after every piece."""
     if args.time_budget is None:
         return False
-    return time.time() - t0 + (max(durations) if durations else 0.0) > args.time_budget
+    return time.time() - t0 + (statistics.mean(durations) if durations else 0.0) > args.time_budget
 
 
 def main(argv=None):
@@ -782,7 +688,23 @@ def main(argv=None):
         base = None
     print(f"# ComfyUI imported and the bf16 model loaded in {time.time() - t0:.1f} s", flush=True)
     durations = []
+
+    def lowvram_section():
+        for name in args.lowvram_formats:
+            if over_budget(args, t0, durations):
+                lowvram_rows.append(dict(format=name, budget_gib=None,
+                                         error=f"skipped: --time-budget {args.time_budget:g} s"))
+                continue
+            start = time.time()
+            run_lowvram(name, base, inputs, args, lowvram_rows)
+            durations.append(time.time() - start)
+            write_outputs(args, env, rows, lowvram_rows, t0)
+
     if base is not None:
+        # The low-VRAM runs first by default: the one claim no other row shows, and cheap
+        # next to a full pass; formats at the end of the list go first when time runs out.
+        if not args.no_lowvram and not args.lowvram_last:
+            lowvram_section()
         for name in args.formats:
             if over_budget(args, t0, durations):
                 rows.append(dict(format=name, error=f"skipped: --time-budget {args.time_budget:g} s", note=""))
@@ -799,22 +721,14 @@ def main(argv=None):
             release(row, patcher, base)
             durations.append(time.time() - start)
             write_outputs(args, env, rows, lowvram_rows, t0)
-        if not args.no_lowvram:
-            for name in args.lowvram_formats:
-                if over_budget(args, t0, durations):
-                    lowvram_rows.append(dict(format=name, budget_gib=None,
-                                             error=f"skipped: --time-budget {args.time_budget:g} s"))
-                    continue
-                start = time.time()
-                run_lowvram(name, base, inputs, args, lowvram_rows)
-                durations.append(time.time() - start)
-                write_outputs(args, env, rows, lowvram_rows, t0)
+        if not args.no_lowvram and args.lowvram_last:
+            lowvram_section()
     md = write_outputs(args, env, rows, lowvram_rows, t0, final=True)
     print("\n" + md + "\n")
     print(compact(rows, lowvram_rows), flush=True)
     # Patchers released while the interpreter still works (ModelPatcher.__del__ needs ComfyUI).
     _NF4_CACHE.clear()
-    del base
+    base = None  # noqa: F841
     gc.collect()
     return rows, lowvram_rows
 
