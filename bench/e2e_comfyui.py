@@ -617,7 +617,8 @@ def environment(args) -> list[str]:
     if args.device == "cuda":
         p = torch.cuda.get_device_properties(0)
         lines.append(f"GPU {p.name}, {p.total_memory / GiB:.1f} GiB, sm_{p.major}{p.minor}, "
-                     f"CUDA {torch.version.cuda}")
+                     f"CUDA {torch.version.cuda}; allocator {os.environ.get('PYTORCH_CUDA_ALLOC_CONF') or 'default'} "
+                     f"(ComfyUI's main.py would pick cudaMallocAsync)")
     else:
         lines.append(f"CPU, {torch.get_num_threads()} threads")
     try:
