@@ -10,7 +10,8 @@
 #                        part: eager backend, no CUDA extension), comfy_aimdo, torchsde,
 #                        trampoline, simpleeval
 #   .devcarry/prebuilt/  _C.abi3.so and an sm_90a _cuda_kernels.so, with SOURCE_HASH: the
-#                        hash of setup.py + csrc/ they were built from
+#                        hash of setup.py + csrc/ they were built from (scripts/prebuild_sm90a.sh
+#                        makes them on a machine with nvcc; scripts/source_hash.sh)
 # The native extension: the prebuilt objects when SOURCE_HASH matches this tree's sources
 # (E2E_REBUILD=1 forces a build), else built here for sm_90a.
 # Writes $OUT/e2e.md (the report, rewritten after every configuration), $OUT/e2e.json,
@@ -28,14 +29,8 @@ export COMFYUI_PATH=${COMFYUI_PATH:-$CARRY/ComfyUI}
 export PYTHONPATH="$CARRY/site${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 
-source_hash() {
-    # Sources only (no build outputs), in a fixed order; the same on every machine.
-    { cat setup.py; find csrc -type f \( -name '*.c' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) \
-        | LC_ALL=C sort | xargs cat; } | sha256sum | cut -c1-16
-}
-
 start=$(date +%s)
-hash=$(source_hash)
+hash=$(bash scripts/source_hash.sh)
 if [ -z "${E2E_REBUILD:-}" ] && [ -f "$CARRY/prebuilt/SOURCE_HASH" ] \
         && [ "$(cat "$CARRY/prebuilt/SOURCE_HASH")" = "$hash" ]; then
     cp "$CARRY/prebuilt/_C.abi3.so" "$CARRY/prebuilt/_cuda_kernels.so" comfy_quant_native/
