@@ -53,7 +53,7 @@ NF4_TABLE = [float.fromhex(h) for h in (
     "0x1.c3497p-2", "0x1.200f56p-1", "0x1.722766p-1", "0x1p+0",
 )]
 # bitsandbytes FP4: {0, 0.0625, 8, 12, 4, 6, 2, 3}/12 for codes 0-7, bit 3 the sign,
-# so code 8 is -0.0 as in bitsandbytes' kernels (its Python quant_map has +0.0).
+# so code 8 is -0.0 as in bitsandbytes' CUDA kernels (its CPU paths and quant_map: +0.0).
 _FP4_POS = [0.0, 0.0625 / 12, 8 / 12, 12 / 12, 4 / 12, 6 / 12, 2 / 12, 3 / 12]
 FP4_MAG_SORTED = [0.0, 0.0625 / 12, 2 / 12, 3 / 12, 4 / 12, 6 / 12, 8 / 12, 1.0]
 FP4_MAG_CODE = [0, 1, 6, 7, 4, 5, 2, 3]

@@ -143,30 +143,32 @@ def _nthreads() -> int:
     return max(1, torch.get_num_threads())
 
 
-# Fused small-M kernels up to this many tokens; above, dequantize + torch GEMM.
-# cpu: the bfloat16 crossover of the 4-bit path; ops' own 4-bit linear refines it per
-# activation dtype (FUSED_MAX_M_4BIT, fused_max_m_4bit()).
-FUSED_MAX_M = {"cpu": 8, "cuda": 16}
-# 4-bit on the CPU, per activation dtype: the fused kernel computes in float32 FMA, the
-# other path dequantizes to x's dtype for torch's GEMM. float32 and float16 pay for a fresh
-# 4-/2-byte weight (page faults of a >32 MB torch.empty each call) and torch's slow
-# float32/float16 GEMMs, so fused wins to ~128 / 64 tokens; bfloat16 has torch's fast
-# AVX512-BF16 GEMM: fused wins only to ~8 (3072x3072) - 16 (3072x12288). Measured with
-# bench/cpu_kernels.py (crossover table, docs/BENCHMARKS.md "CPU kernels").
-FUSED_MAX_M_4BIT = {"cpu": {torch.float32: 128, torch.bfloat16: 8, torch.float16: 64}}
-
-
-def fused_max_m_4bit(backend: str, dtype: torch.dtype) -> int:
-    """Tokens up to which ops.linear_4bit runs the fused kernel for activations of ``dtype``."""
-    return FUSED_MAX_M_4BIT.get(backend, {}).get(dtype, FUSED_MAX_M[backend])
-# int8 weight-only: per activation dtype. On the CPU the other path dequantizes a weight in
-# x's dtype for torch's GEMM; float32 pays for a 4-byte weight and torch's slower float32
-# GEMM, so the fused kernel stays ahead to ~512 tokens, bf16/fp16 to ~32 (measured on
-# 3072x3072 and 12288x3072, 2-core EPYC, docs/BENCHMARKS.md).
+# Fused small-M kernels up to this many tokens; above, dequantize + torch GEMM. Per
+# backend and activation dtype, measured (docs/BENCHMARKS.md):
+# 4-bit, CPU: the fused kernel computes in float32 FMA, the other path dequantizes to x's
+#   dtype for torch's GEMM. float32 and float16 pay for a fresh 4-/2-byte weight (page
+#   faults of a >32 MB torch.empty each call) and torch's slow float32/float16 GEMMs, so
+#   fused wins to ~128 / 64 tokens; bfloat16 has torch's fast AVX512-BF16 GEMM: fused wins
+#   only to ~8 (3072x3072) - 16 (3072x12288) (bench/cpu_kernels.py crossover table).
+# int8 weight-only, CPU: float32 pays for a 4-byte weight and torch's slower float32
+#   GEMM, so the fused kernel stays ahead to ~512 tokens, bf16/fp16 to ~32.
+# CUDA: the skinny tensor-core kernels win to 16 tokens (bench/gpu_ops.py).
+FUSED_MAX_M_4BIT = {
+    "cpu": {torch.float32: 128, torch.bfloat16: 8, torch.float16: 64},
+    "cuda": dict.fromkeys(L.FLOAT_DTYPES, 16),
+}
 FUSED_MAX_M_INT8 = {
     "cpu": {torch.float32: 512, torch.bfloat16: 32, torch.float16: 32},
-    "cuda": {torch.float32: 16, torch.bfloat16: 16, torch.float16: 16},
+    "cuda": dict.fromkeys(L.FLOAT_DTYPES, 16),
 }
+
+
+def fused_max_m(layout: str, backend: str, dtype: torch.dtype) -> int:
+    """Tokens up to which the linear of ``layout`` runs the fused small-M kernel (W8A8 has
+    no threshold: it always runs its own GEMM)."""
+    table = FUSED_MAX_M_4BIT if layout in L.FOUR_BIT else FUSED_MAX_M_INT8
+    return table[backend][dtype]
+
 
 # ----------------------------------------------------------------------------- validation
 def _fail(name: str, what: str, expected, got) -> None:
@@ -309,7 +311,7 @@ def _linear_4bit(x, packed, absmax, codebook, group_size, shape, bias) -> torch.
     M = math.prod(lead)
     if M == 0:
         return x.new_empty(*lead, N)
-    if M > fused_max_m_4bit(backend, x.dtype):
+    if M > fused_max_m(codebook, backend, x.dtype):
         w = _dequantize_4bit(packed, absmax, codebook, group_size, (N, K), x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     dev, stream = _dev(x)
@@ -414,7 +416,7 @@ def _linear_int8(x, q, scale, layout, group_size, bias, act_quant) -> torch.Tens
                      0 if b is None else b.data_ptr(), y.data_ptr(), L.DTYPE_CODES[out_dtype],
                      M, N, K, xs.shape[1], gn, gk, dev, stream, _nthreads())
         return y.to(x.dtype).reshape(*lead, N)
-    if M > FUSED_MAX_M_INT8[backend][x.dtype]:
+    if M > fused_max_m(layout, backend, x.dtype):
         w = _dequantize_int8(q, scale, layout, group_size, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(M, K).to(out_dtype).contiguous()

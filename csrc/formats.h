@@ -83,8 +83,8 @@ enum cq_status {
     0x1.c3497p-2f, 0x1.200f56p-1f, 0x1.722766p-1f, 0x1p+0f }
 
 /* bitsandbytes FP4 (not OCP E2M1): codes 0-7 below, bit 3 is the sign, so code 8
- * is -0.0 as in bitsandbytes' CPU and CUDA kernels (its Python quant_map says +0.0;
- * the two compare equal). Values are {0, 0.0625, 8, 12, 4, 6, 2, 3}/12.
+ * is -0.0 as in bitsandbytes' CUDA kernels (its CPU paths and Python quant_map give
+ * +0.0; the two compare equal). Values are {0, 0.0625, 8, 12, 4, 6, 2, 3}/12.
  * Quantizing sets the sign bit iff x < 0. */
 #define CQ_FP4_TABLE_INIT {                                                   \
     0.0f, 1.0f / 192.0f, 2.0f / 3.0f, 1.0f, 1.0f / 3.0f, 0.5f, 1.0f / 6.0f, 0.25f, \

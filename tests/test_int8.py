@@ -289,7 +289,7 @@ def _c_linear(x, q, s, layout, g, bias, nthreads=2):
 @pytest.mark.parametrize("layout", INT8)
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 9, 17])
 def test_kernel_linear_int8_bound(cpu_level, layout, M):
-    """The fused weight-only kernel at every M (ops.py uses it only up to FUSED_MAX_M)."""
+    """The fused weight-only kernel at every M (ops.py uses it only up to ops.fused_max_m)."""
     for N, K in [(1, 1), (7, 65), (37, 300), (64, 1031)]:
         g = group_of(layout, 32)
         q, s = reference.quantize_int8(weight(N, K, torch.float32), layout, g)

@@ -233,7 +233,7 @@ def native_linear_lora(weight: QuantizedTensor, x: torch.Tensor, bias: torch.Ten
     M = x.numel() // max(x.shape[-1], 1)
     backend = ops.backend_for(x.device)
     dequantizes = layout in L.FOUR_BIT or not p.w8a8
-    if dequantizes and backend != "reference" and M > ops.FUSED_MAX_M[backend]:
+    if dequantizes and backend != "reference" and M > ops.fused_max_m(layout, backend, x.dtype):
         if layout in L.FOUR_BIT:
             w = ops.dequantize_4bit(weight._qdata, p.scale, layout, p.group_size, p.orig_shape, x.dtype)
         else:
