@@ -80,3 +80,13 @@ class CountingMapping(dict):
     def __getitem__(self, key):
         self.reads[key] = self.reads.get(key, 0) + 1
         return super().__getitem__(key)
+
+
+def edited(sd, key, value):
+    """A copy of ``sd`` with ``key`` set to ``value`` (removed when value is None)."""
+    sd = dict(sd)
+    if value is None:
+        del sd[key]
+    else:
+        sd[key] = value
+    return sd

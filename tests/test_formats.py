@@ -9,7 +9,7 @@ import os
 import pytest
 import safetensors.torch
 import torch
-from formats_util import (CountingMapping, assert_same_layer, expect_error, json_bytes, make_qw,
+from formats_util import (CountingMapping, assert_same_layer, edited, expect_error, json_bytes, make_qw,
                           raw_bytes)
 
 from comfy_quant_native import formats as F
@@ -189,15 +189,6 @@ def _int8_sd(layout="int8_block", group=32):
     return F.layer_tensors("blk.fc", make_qw(layout, (33, 67), group))
 
 
-def _edit(sd, key, value):
-    sd = dict(sd)
-    if value is None:
-        del sd[key]
-    else:
-        sd[key] = value
-    return sd
-
-
 def _with_json(sd, **changes):
     cfg = json.loads(bytes(sd["blk.fc.comfy_quant"].tolist()))
     for k, v in changes.items():
@@ -205,43 +196,43 @@ def _with_json(sd, **changes):
             cfg.pop(k, None)
         else:
             cfg[k] = v
-    return _edit(sd, "blk.fc.comfy_quant", json_bytes(cfg))
+    return edited(sd, "blk.fc.comfy_quant", json_bytes(cfg))
 
 
 BAD = [
     # missing tensors
-    (lambda: _edit(_nf4_sd(), "blk.fc.absmax", None), "missing tensor 'blk.fc.absmax'"),
-    (lambda: _edit(_nf4_sd(), "blk.fc.weight", None), "missing tensor 'blk.fc.weight'"),
-    (lambda: _edit(_int8_sd(), "blk.fc.weight_scale", None), "missing tensor 'blk.fc.weight_scale'"),
-    (lambda: _edit(_nf4_sd(True), "blk.fc.nested_quant_map", None), "missing blk.fc.nested_quant_map"),
+    (lambda: edited(_nf4_sd(), "blk.fc.absmax", None), "missing tensor 'blk.fc.absmax'"),
+    (lambda: edited(_nf4_sd(), "blk.fc.weight", None), "missing tensor 'blk.fc.weight'"),
+    (lambda: edited(_int8_sd(), "blk.fc.weight_scale", None), "missing tensor 'blk.fc.weight_scale'"),
+    (lambda: edited(_nf4_sd(True), "blk.fc.nested_quant_map", None), "missing blk.fc.nested_quant_map"),
     # wrong shapes: truncated packed data, absmax length vs orig_shape and group size
-    (lambda: _edit(_nf4_sd(), "blk.fc.weight", _nf4_sd()["blk.fc.weight"][:-1]), "expected 1106 elements"),
-    (lambda: _edit(_nf4_sd(), "blk.fc.absmax", torch.ones(34)), "expected 35 elements"),
+    (lambda: edited(_nf4_sd(), "blk.fc.weight", _nf4_sd()["blk.fc.weight"][:-1]), "expected 1106 elements"),
+    (lambda: edited(_nf4_sd(), "blk.fc.absmax", torch.ones(34)), "expected 35 elements"),
     (lambda: _with_json(_nf4_sd(), group_size=32), "expected 70 elements"),
     (lambda: _with_json(_nf4_sd(), orig_shape=[33, 68]), "expected 1122 elements"),
-    (lambda: _edit(_nf4_sd(), "blk.fc.weight", _nf4_sd()["blk.fc.weight"].reshape(2, 553)), "1-D"),
-    (lambda: _edit(_nf4_sd(True), "blk.fc.nested_absmax", torch.ones(2)), "expected 1 elements"),
-    (lambda: _edit(_nf4_sd(True), "blk.fc.nested_offset", torch.ones(2)), "expected 1 elements"),
+    (lambda: edited(_nf4_sd(), "blk.fc.weight", _nf4_sd()["blk.fc.weight"].reshape(2, 553)), "1-D"),
+    (lambda: edited(_nf4_sd(True), "blk.fc.nested_absmax", torch.ones(2)), "expected 1 elements"),
+    (lambda: edited(_nf4_sd(True), "blk.fc.nested_offset", torch.ones(2)), "expected 1 elements"),
     # int8 scale shape vs layout
-    (lambda: _edit(_int8_sd(), "blk.fc.weight_scale", torch.ones(33, 3)), "expected shape [2, 3]"),
-    (lambda: _edit(_int8_sd("int8_lode"), "blk.fc.weight_scale", torch.ones(2, 3)), "expected shape [33, 3]"),
-    (lambda: _edit(_int8_sd("int8_row", None), "blk.fc.weight_scale", torch.ones(2)), "[N, 1]"),
+    (lambda: edited(_int8_sd(), "blk.fc.weight_scale", torch.ones(33, 3)), "expected shape [2, 3]"),
+    (lambda: edited(_int8_sd("int8_lode"), "blk.fc.weight_scale", torch.ones(2, 3)), "expected shape [33, 3]"),
+    (lambda: edited(_int8_sd("int8_row", None), "blk.fc.weight_scale", torch.ones(2)), "[N, 1]"),
     (lambda: _with_json(_int8_sd(), group_size=64), "expected shape [1, 2]"),
-    (lambda: _edit(_int8_sd(), "blk.fc.weight", torch.zeros(33, 97, dtype=torch.int8)), "expected shape [2, 4]"),
-    (lambda: _edit(_int8_sd(), "blk.fc.weight", torch.zeros(33 * 67, dtype=torch.int8)), "2-D"),
+    (lambda: edited(_int8_sd(), "blk.fc.weight", torch.zeros(33, 97, dtype=torch.int8)), "expected shape [2, 4]"),
+    (lambda: edited(_int8_sd(), "blk.fc.weight", torch.zeros(33 * 67, dtype=torch.int8)), "2-D"),
     # wrong dtypes
-    (lambda: _edit(_nf4_sd(), "blk.fc.absmax", _nf4_sd()["blk.fc.absmax"].half()), "dtype float32"),
-    (lambda: _edit(_nf4_sd(), "blk.fc.weight", _nf4_sd()["blk.fc.weight"].to(torch.int8)), "dtype uint8"),
-    (lambda: _edit(_int8_sd(), "blk.fc.weight", torch.zeros(33, 67, dtype=torch.uint8)), "dtype int8"),
-    (lambda: _edit(_int8_sd(), "blk.fc.weight_scale", torch.ones(2, 3, dtype=torch.int32)), "dtype float32"),
-    (lambda: _edit(_nf4_sd(True), "blk.fc.absmax", torch.ones(35)), "dtype uint8"),
-    (lambda: _edit(_nf4_sd(), "blk.fc.comfy_quant", _nf4_sd()["blk.fc.comfy_quant"].float()), "expected uint8"),
+    (lambda: edited(_nf4_sd(), "blk.fc.absmax", _nf4_sd()["blk.fc.absmax"].half()), "dtype float32"),
+    (lambda: edited(_nf4_sd(), "blk.fc.weight", _nf4_sd()["blk.fc.weight"].to(torch.int8)), "dtype uint8"),
+    (lambda: edited(_int8_sd(), "blk.fc.weight", torch.zeros(33, 67, dtype=torch.uint8)), "dtype int8"),
+    (lambda: edited(_int8_sd(), "blk.fc.weight_scale", torch.ones(2, 3, dtype=torch.int32)), "dtype float32"),
+    (lambda: edited(_nf4_sd(True), "blk.fc.absmax", torch.ones(35)), "dtype uint8"),
+    (lambda: edited(_nf4_sd(), "blk.fc.comfy_quant", _nf4_sd()["blk.fc.comfy_quant"].float()), "expected uint8"),
     # the JSON
     (lambda: _with_json(_nf4_sd(), format="bnb_nf5"), "unknown format 'bnb_nf5'"),
     (lambda: _with_json(_nf4_sd(), format=None), "unknown format None"),
-    (lambda: _edit(_nf4_sd(), "blk.fc.comfy_quant", raw_bytes(b'{"format": "bnb_nf4",')), "not UTF-8 JSON"),
-    (lambda: _edit(_nf4_sd(), "blk.fc.comfy_quant", raw_bytes(b"\xff\xfe")), "not UTF-8 JSON"),
-    (lambda: _edit(_nf4_sd(), "blk.fc.comfy_quant", raw_bytes(b"[1, 2]")), "JSON list"),
+    (lambda: edited(_nf4_sd(), "blk.fc.comfy_quant", raw_bytes(b'{"format": "bnb_nf4",')), "not UTF-8 JSON"),
+    (lambda: edited(_nf4_sd(), "blk.fc.comfy_quant", raw_bytes(b"\xff\xfe")), "not UTF-8 JSON"),
+    (lambda: edited(_nf4_sd(), "blk.fc.comfy_quant", raw_bytes(b"[1, 2]")), "JSON list"),
     (lambda: _with_json(_nf4_sd(), orig_shape=None), "no orig_shape"),
     (lambda: _with_json(_nf4_sd(), orig_shape=[33, -67]), "positive integers"),
     (lambda: _with_json(_nf4_sd(), orig_dtype="float8"), "orig_dtype must be"),
@@ -252,7 +243,7 @@ BAD = [
     (lambda: _with_json(_nf4_sd(True), double_quant=None), "does not say double_quant"),
     (lambda: _with_json(_nf4_sd(), double_quant=True), "is missing blk.fc.nested_absmax"),
     (lambda: _with_json(_int8_sd("int8_row", None), per_row="1"), "per_row"),
-    (lambda: _edit(_int8_sd(), "blk.fc.absmax", torch.ones(3)), "also has blk.fc.absmax"),
+    (lambda: edited(_int8_sd(), "blk.fc.absmax", torch.ones(3)), "also has blk.fc.absmax"),
 ]
 
 
@@ -279,11 +270,11 @@ def test_non_finite_scales_rejected(make, key):
     sd = make()
     bad = sd[key].clone()
     bad.view(-1)[1] = float("inf")
-    expect_error(lambda: F.load_state_dict(_edit(sd, key, bad)), "NaN or Inf (first at index 1)", layer="blk.fc")
+    expect_error(lambda: F.load_state_dict(edited(sd, key, bad)), "NaN or Inf (first at index 1)", layer="blk.fc")
 
 
 def test_non_finite_nested_offset_rejected():
-    sd = _edit(_nf4_sd(True), "blk.fc.nested_offset", torch.tensor(float("nan")))
+    sd = edited(_nf4_sd(True), "blk.fc.nested_offset", torch.tensor(float("nan")))
     expect_error(lambda: F.load_state_dict(sd), "finite", layer="blk.fc")
 
 

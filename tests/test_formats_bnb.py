@@ -11,7 +11,7 @@ import bitsandbytes.functional as BF
 import pytest
 import safetensors.torch
 import torch
-from formats_util import assert_same_layer, expect_error, json_bytes, make_qw
+from formats_util import assert_same_layer, edited, expect_error, json_bytes, make_qw
 
 from comfy_quant_native import formats as F
 
@@ -93,15 +93,6 @@ def _bnb_sd(compress=True, quant_type="nf4"):
     return prefixed(bnb_linear(33, 67, quant_type, compress).state_dict(), "blk")
 
 
-def _edit(sd, key, value):
-    sd = dict(sd)
-    if value is None:
-        del sd[key]
-    else:
-        sd[key] = value
-    return sd
-
-
 def _qs(sd, **changes):
     key = next(k for k in sd if ".quant_state." in k)
     meta = json.loads(bytes(sd[key].tolist()))
@@ -110,13 +101,13 @@ def _qs(sd, **changes):
             meta.pop(k, None)
         else:
             meta[k] = v
-    return _edit(sd, key, json_bytes(meta))
+    return edited(sd, key, json_bytes(meta))
 
 
 BAD = [
-    (lambda: _edit(_bnb_sd(), "blk.weight.absmax", None), "missing tensor 'blk.weight.absmax'"),
-    (lambda: _edit(_bnb_sd(), "blk.weight.quant_map", None), "missing tensor 'blk.weight.quant_map'"),
-    (lambda: _edit(_bnb_sd(), "blk.weight.nested_quant_map", None), "missing tensor 'blk.weight.nested_quant_map'"),
+    (lambda: edited(_bnb_sd(), "blk.weight.absmax", None), "missing tensor 'blk.weight.absmax'"),
+    (lambda: edited(_bnb_sd(), "blk.weight.quant_map", None), "missing tensor 'blk.weight.quant_map'"),
+    (lambda: edited(_bnb_sd(), "blk.weight.nested_quant_map", None), "missing tensor 'blk.weight.nested_quant_map'"),
     (lambda: _qs(_bnb_sd(), nested_offset=None), "has no nested_offset"),
     (lambda: _qs(_bnb_sd(), nested_blocksize=128), "nested_blocksize 128"),
     (lambda: _qs(_bnb_sd(), nested_dtype="float16"), "nested_dtype"),
@@ -127,12 +118,12 @@ BAD = [
     (lambda: _qs(_bnb_sd(False), shape=None), "has no shape"),
     (lambda: _qs(_bnb_sd(False), shape=[33, 66]), "expected 1089 elements"),
     (lambda: _qs(_bnb_sd(False), dtype="int8"), "dtype must be"),
-    (lambda: _edit(_bnb_sd(False), "blk.weight.quant_map", torch.linspace(-1, 1, 16)), "not the nf4 table"),
-    (lambda: _edit(_bnb_sd(False), "blk.weight.absmax", torch.ones(35, dtype=torch.float16)), "dtype float32"),
-    (lambda: _edit(_bnb_sd(), "blk.weight.absmax", torch.ones(35)), "dtype uint8"),
-    (lambda: _edit(_bnb_sd(False), "blk.weight", torch.zeros(1105, 1, dtype=torch.uint8)), "expected 1106"),
-    (lambda: _edit(_bnb_sd(False), "blk.weight.SCB", torch.ones(3)), "unexpected bitsandbytes tensors"),
-    (lambda: _edit(_bnb_sd(False), "blk.weight.quant_state.bitsandbytes__nf4", json_bytes([1])), "JSON list"),
+    (lambda: edited(_bnb_sd(False), "blk.weight.quant_map", torch.linspace(-1, 1, 16)), "not the nf4 table"),
+    (lambda: edited(_bnb_sd(False), "blk.weight.absmax", torch.ones(35, dtype=torch.float16)), "dtype float32"),
+    (lambda: edited(_bnb_sd(), "blk.weight.absmax", torch.ones(35)), "dtype uint8"),
+    (lambda: edited(_bnb_sd(False), "blk.weight", torch.zeros(1105, 1, dtype=torch.uint8)), "expected 1106"),
+    (lambda: edited(_bnb_sd(False), "blk.weight.SCB", torch.ones(3)), "unexpected bitsandbytes tensors"),
+    (lambda: edited(_bnb_sd(False), "blk.weight.quant_state.bitsandbytes__nf4", json_bytes([1])), "JSON list"),
     (lambda: {**{k.replace("bitsandbytes__nf4", "bitsandbytes__int4"): v for k, v in _bnb_sd(False).items()}},
      "'int4'"),
 ]
