@@ -21,7 +21,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import formats, ops
@@ -112,32 +111,23 @@ def time_forward(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    sd: dict[str, torch.Tensor] = {}
-    quant_prefixes = []
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            sd.update({k: v.cpu() for k, v in formats.layer_tensors(name, m.qweight).items()})
-            if m.bias is not None:
-                sd[f"{name}.bias"] = m.bias.detach().cpu()
-            quant_prefixes.append(name + ".")
-    for k, v in model.state_dict().items():
-        if not any(k.startswith(p) for p in quant_prefixes):
-            sd[k] = v.detach().cpu().contiguous()
-    return sd
+def save_quantized(model: nn.Module, path: str) -> None:
+    """The model as one file in our comfy_quant form (formats.emit_state_dict + save_file)."""
+    layers = {name: m.qweight.to("cpu") for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    # A QuantLinear's state dict holds only its bias: the quantized weight is emitted above.
+    plain = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    formats.save_file(path, *formats.emit_state_dict(layers, plain))
 
 
 def reload(model_template: nn.Module, path: str, device) -> nn.Module:
     """A fresh model whose quantized layers come from the file at ``path``."""
-    loaded = formats.load_state_dict(load_file(path), source=path)
+    loaded = formats.load_file(path)
     model = copy.deepcopy(model_template)
     for name, qw in loaded.layers.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        bias = loaded.tensors.get(f"{name}.bias")
-        setattr(parent, attr, QuantLinear(qw, bias))
-    rest = {k: v for k, v in loaded.tensors.items() if not any(k.startswith(n + ".") for n in loaded.layers)}
-    model.load_state_dict(rest, strict=False)
+        setattr(parent, attr, QuantLinear(qw, loaded.tensors.get(f"{name}.bias")))
+    model.load_state_dict(loaded.tensors, strict=False)
     return model.to(device)
 
 
@@ -163,7 +153,7 @@ def run(width: int, blocks: int, device: str, tokens: int, repeats: int) -> list
                 y = model(x_big).float()
             err = (torch.linalg.vector_norm(y - y_ref) / torch.linalg.vector_norm(y_ref)).item()
             path = os.path.join(tmp, f"tiny_dit_{layout}.safetensors")
-            save_file(quantized_state_dict(model), path)
+            save_quantized(model, path)
             again = reload(ref, path, dev)
             with torch.inference_mode():
                 same = torch.equal(again(x_big), model(x_big).to(torch.bfloat16))
