@@ -408,7 +408,9 @@ def test_double_quant_equals_bitsandbytes(path, codebook):
     # our double quantization of the plain absmax: same offset and nested absmax; the same
     # codes except near midpoints of the dynamic map, where bnb's CPU 8-bit quantizer (a
     # bucketed binary search on x / absmax, then a distance compare) is not exact: seen up
-    # to ~1e-5 (normalized) away from the midpoint, always the neighbouring code
+    # to ~1e-5 (normalized) away from the midpoint; next to 0, where the map's entries are
+    # ~1e-6 apart, bnb's code can be several entries off (seen: 131 for our 129), so each
+    # difference is checked by value: ours is the nearest entry, bnb's within 3e-5 of it
     _, plain = BF.quantize_4bit(x, blocksize=group, quant_type=codebook)
     c2, n2, m2, off2 = ops.quantize_absmax_nested(plain.absmax)
     assert_bits_equal(off2.reshape(1), qs.offset.reshape(1).float(), "offset")
@@ -419,10 +421,12 @@ def test_double_quant_equals_bitsandbytes(path, codebook):
     centred = (plain.absmax - off2) / n2.repeat_interleave(256)[:G]
     mids = L.midpoints(m2)
     for i in diff.tolist():
+        dist = (m2.double() - float(centred[i])).abs()
+        ours, bnb = float(dist[int(c2[i])]), float(dist[int(codes[i])])
+        assert ours <= float(dist.min()) * (1 + 1e-6) + 1e-12, f"nested code {i}: {int(c2[i])} is not the nearest"
         j = int((mids - centred[i]).abs().argmin())
-        assert {int(c2[i]), int(codes[i])} == {j, j + 1}, f"nested code {i}: {int(c2[i])} vs bnb {int(codes[i])}"
         near = max(0.05 * float(m2[j + 1] - m2[j]), 3e-5)
-        assert abs(float(centred[i] - mids[j])) <= near, f"nested code {i} is not near a tie"
+        assert bnb - ours <= near, f"nested code {i}: bnb's {int(codes[i])} is {bnb - ours:.2e} farther than ours"
 
 
 @pytest.mark.parametrize("compress", [False, True])
