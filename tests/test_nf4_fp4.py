@@ -393,7 +393,9 @@ def test_quantize_equals_bitsandbytes_except_ties(path, codebook, x_dtype):
 
 @pytest.mark.parametrize("codebook", CODEBOOKS)
 def test_double_quant_equals_bitsandbytes(path, codebook):
-    shape, group = (96, 256), 64  # 384 groups: two nested blocks, the second partial
+    # 1540 groups: six nested blocks and a partial seventh. Enough groups that the 1% bound on
+    # bnb's inexact codes below is a rate, not a tail event (~0.6 of 384 groups differ on average).
+    shape, group = (385, 256), 64
     x = torch.randn(shape)
     packed, qs = BF.quantize_4bit(x, blocksize=group, quant_type=codebook, compress_statistics=True)
     codes, nested, qmap = qs.absmax, qs.state2.absmax, qs.state2.code
