@@ -207,6 +207,43 @@ def test_linear_4bit_skinny_variants(tile, split):
     assert rel_err(y, ref) < tol(torch.bfloat16)
 
 
+# (group, K): several batches of chunks a warp with an odd batch count, a partial last
+# batch, chunk == group (absmax as one vector a batch) and chunk < group (scalar absmax)
+SKINNY_LONG_K = [(32, 32 * 4 * 3), (32, 32 * 9), (64, 64 * 4 * 5), (64, 64 * 7), (128, 128 * 2 * 3),
+                 (128, 128 * 5), (256, 256 * 3)]
+
+
+@pytest.mark.parametrize("group,K", SKINNY_LONG_K)
+@pytest.mark.parametrize("split", [0, 2, 3])
+def test_linear_4bit_skinny_batches(group, K, split):
+    """The skinny kernel's two batches in flight, on long K, every split, M up to 2 tiles."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("skinny kernels need sm_80")
+    for M, N, dtype, codebook in [(1, 200, torch.bfloat16, "nf4"), (8, 72, torch.float16, "fp4"),
+                                  (9, 65, torch.bfloat16, "fp4"), (16, 264, torch.float16, "nf4"),
+                                  (21, 40, torch.bfloat16, "nf4")]:
+        w = weight(N, K)
+        packed, absmax = reference.quantize_4bit(w, codebook, group)
+        x = torch.randn(M, K).to(dtype)
+        bias = torch.randn(N).to(dtype) if M % 2 else None
+        ref = reference.linear_4bit(x.float(), packed, absmax, codebook, group, N, K,
+                                    None if bias is None else bias.float())
+        xd, pd = x.to(DEV), packed.to(DEV)
+        # absmax 16-byte aligned (vector path) and at an odd float offset (scalar path)
+        holder = torch.zeros(absmax.numel() + 1, device=DEV)
+        holder[1:] = absmax.to(DEV)
+        bd = None if bias is None else bias.to(DEV)
+        for ad in (absmax.to(DEV), holder[1:]):
+            poison()
+            y = torch.empty(M, N, dtype=dtype, device=DEV)
+            with variant("linear_4bit", 2), variant("split_k", split):
+                ops._C.linear_4bit(xd.data_ptr(), L.DTYPE_CODES[dtype], pd.data_ptr(), ad.data_ptr(),
+                                   0 if bd is None else bd.data_ptr(), y.data_ptr(), M, N, K, group,
+                                   L.CODEBOOK_CODES[codebook], 1, torch.cuda.current_stream().cuda_stream, 1)
+            torch.cuda.synchronize()
+            assert rel_err(y, ref) < tol(dtype), (M, N, K, group, split, ad.data_ptr() % 16)
+
+
 @pytest.mark.parametrize("M", [1, 16, 100])
 def test_linear_4bit_op_paths(M):
     """The public op: fused for M <= 16, dequantize + cuBLAS above."""
@@ -221,7 +258,7 @@ def test_linear_4bit_op_paths(M):
 
 
 # ----------------------------------------------------------------------------- int8
-INT8_SHAPES = [(1, 1), (1, 33), (7, 5), (130, 129), (64, 512), (257, 300), (3, 1024 + 8)]
+INT8_SHAPES = [(1, 1), (1, 33), (7, 5), (130, 129), (64, 512), (257, 300), (3, 1024 + 8), (2, 3072), (3, 4088)]
 
 
 @pytest.mark.parametrize("layout,group", [("int8_block", 128), ("int8_block", 32), ("int8_lode", 128),
