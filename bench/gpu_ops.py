@@ -256,20 +256,27 @@ def bench_variants(rows: list[dict]) -> None:
         ps = [p.clone() for _ in range(C)]
         for M in (1, 16):
             x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-            for tile in (1, 2, 4):
-                for split in (0, 1, 2, 4, 8):
-                    prev_t = ops.cuda_kernel_variant("skinny_tile", tile)
-                    prev_s = ops.cuda_kernel_variant("split_k", split)
-                    ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
-                    ops.cuda_kernel_variant("skinny_tile", prev_t)
-                    ops.cuda_kernel_variant("split_k", prev_s)
-                    rows.append(dict(op="variant", K=K, N=N, M=M, method=f"nf4 skinny NT={tile} S={split or 'auto'}", ms=ms))
+            for path, pname in ((2, "staged"),):
+                for tile in (1, 2, 4):
+                    for split in (0, 1, 2, 4, 8):
+                        prev_p = ops.cuda_kernel_variant("linear_4bit", path)
+                        prev_t = ops.cuda_kernel_variant("skinny_tile", tile)
+                        prev_s = ops.cuda_kernel_variant("split_k", split)
+                        ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
+                        ops.cuda_kernel_variant("linear_4bit", prev_p)
+                        ops.cuda_kernel_variant("skinny_tile", prev_t)
+                        ops.cuda_kernel_variant("split_k", prev_s)
+                        rows.append(dict(op="variant", K=K, N=N, M=M,
+                                         method=f"nf4 skinny {pname} NT={tile} S={split or 'auto'}", ms=ms))
             # where the time goes: loads alone (probe: no decode, no MMA; wrong results) and
             # one weight reused every call (served from L2, no DRAM)
-            prev = ops.cuda_kernel_variant("skinny_probe", 1)
-            ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
-            ops.cuda_kernel_variant("skinny_probe", prev)
-            rows.append(dict(op="variant", K=K, N=N, M=M, method="nf4 skinny probe: loads only", ms=ms))
+            for path, pname in ((2, "staged"),):
+                prev_p = ops.cuda_kernel_variant("linear_4bit", path)
+                prev = ops.cuda_kernel_variant("skinny_probe", 1)
+                ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
+                ops.cuda_kernel_variant("skinny_probe", prev)
+                ops.cuda_kernel_variant("linear_4bit", prev_p)
+                rows.append(dict(op="variant", K=K, N=N, M=M, method=f"nf4 skinny {pname} probe: loads only", ms=ms))
             ms = time_graph(lambda i: ops.linear_4bit(x, ps[0], a, "nf4", 64, (N, K)), 1, 50)
             rows.append(dict(op="variant", K=K, N=N, M=M, method="nf4 skinny one weight (L2)", ms=ms))
         x = torch.randn(4608, K, device=DEV, dtype=torch.bfloat16)

@@ -216,7 +216,8 @@ SKINNY_LONG_K = [(32, 32 * 4 * 3), (32, 32 * 9), (64, 64 * 4 * 5), (64, 64 * 7),
 @pytest.mark.parametrize("group,K", SKINNY_LONG_K)
 @pytest.mark.parametrize("split", [0, 2, 3])
 def test_linear_4bit_skinny_batches(group, K, split):
-    """The skinny kernel's two batches in flight, on long K, every split, M up to 2 tiles."""
+    """The skinny kernel's shared-memory stages on long K (full and partial last stage),
+    every split, M up to 2 tiles, several row tiles a block, absmax at an odd offset."""
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("skinny kernels need sm_80")
     for M, N, dtype, codebook in [(1, 200, torch.bfloat16, "nf4"), (8, 72, torch.float16, "fp4"),

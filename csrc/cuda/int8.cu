@@ -128,56 +128,6 @@ quant_int8_rowblock(const T *__restrict__ x, int8_t *__restrict__ q, float *__re
     }
 }
 
-/* quant_int8_rowwarp: a warp per tile of one row up to 4096 wide, 16-bit input, 16-byte
- * aligned (int8_tensorwise weights and the per-token activations of Flux widths). The
- * tile stays in registers as the raw 16-byte words (P a lane): one pass, no block
- * barrier, and ~8 warps resident per scheduler. (Run 4: a 256-thread block per
- * 3072-wide row kept DRAM 43% busy, half its threads idle in the second 2048-span.) */
-template <typename T, int P>
-__global__ void __launch_bounds__(256)
-quant_int8_rowwarp(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N,
-                   int64_t K, int64_t gk) {
-    static_assert(sizeof(T) == 2, "16-bit input: 8 values a 16-byte word");
-    const int64_t kb = (K + gk - 1) / gk;
-    const int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (w >= N * kb) /* whole warp leaves together */
-        return;
-    const int64_t n = udiv(w, kb), g = w - n * kb;
-    const int64_t k_lo = g * gk, k_hi = k_lo + gk < K ? k_lo + gk : K;
-    const T *row = x + n * K;
-    uint4 raw[P];
-#pragma unroll
-    for (int p = 0; p < P; p++) {
-        const int64_t k = k_lo + p * 256 + lane * 8;
-        raw[p] = k < k_hi ? __ldg(reinterpret_cast<const uint4 *>(row + k)) : make_uint4(0, 0, 0, 0);
-    }
-    uint32_t amax = 0;
-#pragma unroll
-    for (int p = 0; p < P; p++) {
-        const T *h = reinterpret_cast<const T *>(&raw[p]);
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-            amax = max(amax, abs_bits(to_f32(h[j])));
-    }
-    amax = warp_max_u32(amax, 32);
-    const float s = __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
-    if (lane == 0)
-        scale[n * kb + g] = s;
-#pragma unroll
-    for (int p = 0; p < P; p++) {
-        const int64_t k = k_lo + p * 256 + lane * 8;
-        if (k < k_hi) {
-            const T *h = reinterpret_cast<const T *>(&raw[p]);
-            float v[8];
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-                v[j] = to_f32(h[j]);
-            *reinterpret_cast<uint2 *>(q + n * K + k) = quant8(v, s);
-        }
-    }
-}
-
 /* quant_int8_wide: a warp per tile of one row, any width gk (whole rows included);
  * amax in a first pass, quantize in a second (the tile is then in L1/L2). */
 template <typename T, bool VEC>
@@ -277,21 +227,6 @@ static int quantize_int8_t(const T *x, int8_t *q, float *scale, int64_t N, int64
             quant_int8_spans<T, true><<<grid, 256, 0, stream>>>(x, q, scale, N, K, log2i(gk));
         else
             quant_int8_spans<T, false><<<grid, 256, 0, stream>>>(x, q, scale, N, K, log2i(gk));
-    } else if (gn == 1 && sizeof(T) == 2 && vec && (gk < K ? gk : K) <= 4096) {
-        const int64_t width = gk < K ? gk : K;
-        const int64_t warps = N * ((K + gk - 1) / gk);
-        const unsigned grid = grid_for(warps * 32, 256);
-        if constexpr (sizeof(T) == 2) {
-            auto run = [&](auto kernel) { kernel<<<grid, 256, 0, stream>>>(x, q, scale, N, K, gk); };
-            if (width <= 1024)
-                run(quant_int8_rowwarp<T, 4>);
-            else if (width <= 2048)
-                run(quant_int8_rowwarp<T, 8>);
-            else if (width <= 3072)
-                run(quant_int8_rowwarp<T, 12>);
-            else
-                run(quant_int8_rowwarp<T, 16>);
-        }
     } else if (gn == 1 && (gk < K ? gk : K) <= ROWBLOCK_MAX && N <= 65535) {
         dim3 grid((unsigned)((K + gk - 1) / gk), (unsigned)N);
         const int64_t width = gk < K ? gk : K;

@@ -1,8 +1,8 @@
 /* linear4.cu: fused 4-bit linear y[M, N] = x[M, K] W^T + bias, W in the bnb_nf4 /
  * bnb_fp4 layout (formats.h), for small M (tokens): each weight byte is read once.
  *
- * linear4_skinny (sm_80+, bf16/f16, K a multiple of the chunk): tensor cores via
- * skinny.cuh. A chunk of CK = 8 * BYTES consecutive k of one row lies in one group
+ * linear4_staged (sm_80+, bf16/f16, K a multiple of the chunk): tensor cores via
+ * skinny.cuh, weights, absmax and tokens streamed through shared memory. A chunk of CK = 8 * BYTES consecutive k of one row lies in one group
  * (CK <= group), so the lane sums table[code] * x over the chunk on tensor cores and
  * scales the partial sum by absmax once per chunk. Codes become bf16/f16 pairs
  * through a 256-entry table of byte -> (table[hi], table[lo]) kept once per lane
@@ -19,20 +19,6 @@ namespace cq {
 
 __constant__ float c_table4[2][16] = {CQ_NF4_TABLE_INIT, CQ_FP4_TABLE_INIT};
 
-/* Chunks a batch: 64 bytes of weights a lane over the NT row tiles, 2 to 4 chunks (even,
- * for the absmax pairs; more spills registers with two batches in flight). */
-__host__ __device__ constexpr int skinny_batch(int nt, int bytes) {
-    return 64 / (nt * bytes) < 2 ? 2 : (64 / (nt * bytes) > 4 ? 4 : 64 / (nt * bytes));
-}
-
-/* One batch of U chunks of this lane's weights (NT row tiles) and the absmax of its C
- * columns: what a warp has in flight while it computes the previous batch. */
-template <int U, int NT, int WORDS>
-struct SkinnyBatch {
-    uint32_t w[U][NT][WORDS];
-    float am[U][NT][2];
-};
-
 /* Byte `B` of `w` as the byte offset of its entry in the lane-private table
  * (entry * 128 + lane * 4): one shift and one LOP3 (and-or) before the LDS. */
 template <int B>
@@ -42,210 +28,329 @@ __device__ __forceinline__ uint32_t lut_offset(uint32_t w, uint32_t lane4) {
     return (v & 0x7f80u) | lane4;
 }
 
+/* ------------------------------------------------------------------ staged skinny */
+/* linear4_staged: a block of 4 warps takes R rows and a K slice; its weights, absmax and
+ * tokens come through shared memory by cp.async in STAGES stages of U chunks, so the
+ * bytes in flight cost no registers and every operand of the decode is a short LDS
+ * away. (Runs 5-8: a version that kept two batches of weights in registers held 11
+ * warps an SM and waited on the token loads from L1 each chunk; 0.72x bf16 at M = 1,
+ * 3072 -> 12288, against 0.58x here.) The weights bypass L1 (.cg). */
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#endif
+}
+__device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+/* Split of K over a cluster (sm_90): the largest S <= 8 that keeps blocks * S within the
+ * resident blocks (no second, thin wave waiting on DRAM latency alone: run 5) and divides
+ * K into whole stages where it can; a forced S (knob) wins. */
+static inline int skinny_split_for(const DeviceInfo &dev, int64_t blocks, int64_t chunks, int U,
+                                   int64_t resident) {
+    const int forced = knob(KNOB_SPLIT_K);
+    if (dev.cc < 90)
+        return 1;
+    const int64_t units = chunks % U == 0 ? chunks / U : chunks;
+    int S = forced > 0 ? (forced < 8 ? forced : 8) : 8;
+    if (forced <= 0)
+        while (S > 1 && blocks * S > resident)
+            S--;
+    while (S > 1 && (units % S != 0 || units / S < 2))
+        S--;
+    return S;
+}
+template <int NT, int BYTES, int MH>
+struct StagedShape {
+    static constexpr int R = 4 * NT * 8;              /* rows of a block tile */
+    static constexpr int CK = BYTES * 8;              /* k of a chunk */
+    static constexpr int CB = 4 * BYTES;              /* bytes of a row in a chunk */
+    static constexpr int U = 128 / CB;                /* chunks a stage: 128 bytes a row */
+    static constexpr int RS = U * CB + CB;            /* row stride: one chunk of padding
+                                                         makes the fragment LDS conflict-free */
+    static constexpr int XR = MH > 1 ? 16 : 8;        /* token rows staged */
+    static constexpr int XRS = U * CK * 2 + 16;       /* their stride (padded likewise) */
+    static constexpr int STAGES = 2;                  /* 4 ran slower: 2 blocks an SM, not 3 */
+    static constexpr int WST = R * RS;                /* weight bytes of a stage */
+    static constexpr int AST = U * R * 4;             /* absmax bytes of a stage */
+    static constexpr int XST = XR * XRS;              /* token bytes of a stage */
+    static constexpr int SMEM = 256 * 32 * 4 + STAGES * (WST + AST + XST) + 16 * R * 4;
+};
+
 template <typename T, int NT, int BYTES, int MH>
-__global__ void __launch_bounds__(128, 4)
-linear4_skinny(const T *__restrict__ x, const uint8_t *__restrict__ packed, const float *__restrict__ absmax,
+__global__ void __launch_bounds__(128)
+linear4_staged(const T *__restrict__ x, const uint8_t *__restrict__ packed, const float *__restrict__ absmax,
                const T *__restrict__ bias, T *__restrict__ y, int M, int64_t N, int64_t K, int log2_group,
-               int codebook, int S, int amv, int knob_probe) {
-    constexpr int W = 4, R = W * NT * 8;
-    constexpr int CK = BYTES * 8;    /* k of one chunk: 4 lanes x BYTES x 2 codes */
-    constexpr int STEPS = BYTES / 2; /* m16n8k16 steps a chunk */
-    constexpr int XW = BYTES;        /* 32-bit words of x per lane, row and chunk */
-    constexpr int WORDS = BYTES / 4;
-    constexpr int U = skinny_batch(NT, BYTES);
-    __shared__ __align__(16) uint32_t lut[256 * 32];
-    __shared__ float part[16 * R];
+               int codebook, int S, int probe) {
+    using SH = StagedShape<NT, BYTES, MH>;
+    constexpr int R = SH::R, CK = SH::CK, CB = SH::CB, U = SH::U, RS = SH::RS, STAGES = SH::STAGES;
+    constexpr int XRS = SH::XRS;
+    constexpr int STEPS = BYTES / 2, XW = BYTES, WORDS = BYTES / 4;
+    constexpr int WCOPIES = R * U * CB / 16 / 128; /* 16-byte weight copies a thread a stage */
+    constexpr int ACOPIES = (U * R + 127) / 128;   /* absmax copies a thread a stage (at most) */
+    static_assert(WCOPIES * 128 * 16 == R * U * CB && 128 % R == 0, "copies");
+    extern __shared__ __align__(16) unsigned char smem[];
+    uint32_t *lut = reinterpret_cast<uint32_t *>(smem);
+    unsigned char *wst = smem + 256 * 32 * 4;
+    float *ast = reinterpret_cast<float *>(wst + STAGES * SH::WST);
+    unsigned char *xst = reinterpret_cast<unsigned char *>(ast + STAGES * U * R);
+    float *part = reinterpret_cast<float *>(xst + STAGES * SH::XST);
     __shared__ float table[16];
-    /* (constant memory serializes lane-divergent reads: stage the 16 values first) */
-    if (threadIdx.x < 16)
-        table[threadIdx.x] = c_table4[codebook][threadIdx.x];
-    __syncthreads();
-    /* entry b (codes hi, lo of byte b) at words [32 b, 32 b + 32): one copy per lane, so
-     * every lookup hits the lane's own bank; written 4 copies per 16-byte store */
-    for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
-        const int b = i >> 3;
-        const uint32_t v = pack2<T>(table[b >> 4], table[b & 15]);
-        reinterpret_cast<uint4 *>(lut)[i] = make_uint4(v, v, v, v);
-    }
-    __syncthreads();
+
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int r = lane >> 2, t = lane & 3;
     const uint32_t lane4 = (uint32_t)lane * 4u;
     const char *lut_bytes = reinterpret_cast<const char *>(lut);
     const int64_t row_tiles = (N + R - 1) / R;
     const int64_t kslice = K / S, k_begin = blockIdx.x * kslice;
-    const int nchunks = (int)(kslice / CK), nbatch = (nchunks + U - 1) / U;
-    const int probe = knob_probe;
+    const int nchunks = (int)(kslice / CK), nstage = (nchunks + U - 1) / U;
+    /* this thread's copies: weight rows/parts and one absmax column (128 % R == 0) */
+    const int a_col = threadIdx.x % R, a_u0 = threadIdx.x / R;
+    bool lut_ready = false;
 
     for (int64_t tile = blockIdx.y; tile < row_tiles; tile += gridDim.y) {
-    const int64_t n_warp = tile * R + warp * NT * 8;
-    const int64_t m0 = (int64_t)blockIdx.z * 16;
-    const int mv = M - m0 < 16 ? (int)(M - m0) : 16;
-
-    const uint8_t *wp[NT];
-    int64_t acol[NT][2]; /* flat index of (column, k_begin) of this lane's C columns */
+        __syncthreads(); /* the previous tile's stages and partial sums are read */
+        const uint8_t *wsrc[WCOPIES];
+        int wdst[WCOPIES];
 #pragma unroll
-    for (int j = 0; j < NT; j++) {
-        int64_t n = n_warp + j * 8 + r;
-        n = n < N ? n : N - 1; /* rows past N: read a valid row, never stored */
-        wp[j] = packed + ((n * K + k_begin) >> 1) + t * BYTES;
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            int64_t c = n_warp + j * 8 + 2 * t + e;
-            acol[j][e] = (c < N ? c : N - 1) * K + k_begin;
+        for (int c = 0; c < WCOPIES; c++) {
+            const int i = threadIdx.x + c * 128, row = i / (U * CB / 16), piece = i % (U * CB / 16);
+            int64_t n = tile * R + row;
+            n = n < N ? n : N - 1; /* rows past N: read a valid row, never stored */
+            wsrc[c] = packed + ((n * K + k_begin) >> 1) + piece * 16;
+            wdst[c] = row * RS + piece * 16;
         }
-    }
-    const bool row0 = r < mv, row1 = MH > 1 && r + 8 < mv;
-    const T *xp0 = x + (m0 + (row0 ? r : 0)) * K + k_begin + t * (CK / 4);
-    const T *xp1 = x + (m0 + (row1 ? r + 8 : 0)) * K + k_begin + t * (CK / 4);
-
-    /* Requests batch `b` (U chunks of weights and absmax) without waiting for it. With
-     * amv (chunk == group, batches group-aligned, absmax 16-byte aligned: the launcher
-     * checks) the absmax of a column's U chunks are U consecutive floats. */
-    auto request = [&](int b, SkinnyBatch<U, NT, WORDS> &bt) {
-        const int ci0 = b * U;
-#pragma unroll
-        for (int j = 0; j < NT; j++) {
-            const uint8_t *p = wp[j] + (int64_t)ci0 * (CK / 2);
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                if (ci0 + u < nchunks)
-                    load_words<BYTES>(p + u * (CK / 2), bt.w[u][j]);
+        const int64_t m0 = (int64_t)blockIdx.z * 16;
+        const int mv = M - m0 < 16 ? (int)(M - m0) : 16;
+        int64_t acolk;
+        {
+            int64_t c = tile * R + a_col;
+            acolk = (c < N ? c : N - 1) * K + k_begin;
         }
-        if (amv) {
+        auto produce = [&](int st) {
+            unsigned char *wb = wst + (st % STAGES) * SH::WST;
+            float *ab = ast + (st % STAGES) * U * R;
+            const int c0 = st * U;
 #pragma unroll
-            for (int j = 0; j < NT; j++)
+            for (int c = 0; c < WCOPIES; c++) {
+                const int piece = wdst[c] % RS / 16; /* chunk u = piece / (CB / 16) */
+                if (c0 + piece / (CB / 16) < nchunks)
+                    cp_async16(wb + wdst[c], wsrc[c] + (int64_t)c0 * (CK / 2));
+            }
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const float *ap = absmax + (acol[j][e] >> log2_group) + ci0;
+            for (int c = 0; c < ACOPIES; c++) {
+                const int u = a_u0 + c * (128 / R);
+                if (u < U && c0 + u < nchunks)
+                    cp_async4(ab + u * R + a_col, absmax + ((acolk + (int64_t)(c0 + u) * CK) >> log2_group));
+            }
+            /* the tokens of the stage: mv rows of U * CK values (run 6: read from L1 chunk by
+             * chunk they serialized each warp's loop on their latency) */
+            unsigned char *xb = xst + (st % STAGES) * SH::XST;
+            for (int i = threadIdx.x; i < mv * (U * CK / 8); i += 128) {
+                const int row = i / (U * CK / 8), piece = i % (U * CK / 8);
+                if (c0 + piece * 8 / CK < nchunks)
+                    cp_async16(xb + row * XRS + piece * 16,
+                               x + (m0 + row) * K + k_begin + (int64_t)c0 * CK + piece * 8);
+            }
+        };
 #pragma unroll
-                    for (int u = 0; u < U; u += 2) {
-                        float2 v = __ldg(reinterpret_cast<const float2 *>(ap + u));
-                        bt.am[u][j][e] = v.x;
-                        bt.am[u + 1][j][e] = v.y;
-                    }
+        for (int st = 0; st < STAGES - 1; st++) {
+            if (st < nstage)
+                produce(st);
+            cp_async_commit();
+        }
+        if (!lut_ready) { /* built while the first stages are in flight */
+            if (threadIdx.x < 16)
+                table[threadIdx.x] = c_table4[codebook][threadIdx.x];
+            __syncthreads();
+            for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+                const int b = i >> 3;
+                const uint32_t v = pack2<T>(table[b >> 4], table[b & 15]);
+                reinterpret_cast<uint4 *>(lut)[i] = make_uint4(v, v, v, v);
+            }
+            lut_ready = true; /* visible after the first stage's barrier */
+        }
+
+        const int64_t n_warp = tile * R + warp * NT * 8;
+        const bool row0 = r < mv, row1 = MH > 1 && r + 8 < mv;
+        /* this lane's tokens of chunk u in a stage: rows r and r + 8, CK / 4 values at t */
+        auto load_x = [&](const unsigned char *xb, int u, uint32_t (&xr0)[XW], uint32_t (&xr1)[MH > 1 ? XW : 1]) {
+#pragma unroll
+            for (int i = 0; i < XW; i += 4) {
+                uint4 u0 = row0 ? *reinterpret_cast<const uint4 *>(xb + r * XRS + (u * CK + t * (CK / 4)) * 2 + i * 4)
+                                : make_uint4(0, 0, 0, 0);
+                xr0[i] = u0.x; xr0[i + 1] = u0.y; xr0[i + 2] = u0.z; xr0[i + 3] = u0.w;
+                if constexpr (MH > 1) {
+                    uint4 u1 = row1 ? *reinterpret_cast<const uint4 *>(xb + (r + 8) * XRS +
+                                                                       (u * CK + t * (CK / 4)) * 2 + i * 4)
+                                    : make_uint4(0, 0, 0, 0);
+                    xr1[i] = u1.x; xr1[i + 1] = u1.y; xr1[i + 2] = u1.z; xr1[i + 3] = u1.w;
                 }
-        } else {
+            }
+        };
+
+        float acc[NT][4];
 #pragma unroll
-            for (int u = 0; u < U; u++)
-                if (ci0 + u < nchunks)
+        for (int j = 0; j < NT; j++)
+            acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        const int wrow = warp * NT * 8 + r; /* this lane's weight row in the tile (j = 0) */
+        const int acol0 = warp * NT * 8 + 2 * t;
+
+        for (int st = 0; st < nstage; st++) {
+            cp_async_wait<STAGES - 2>(); /* this thread's copies of stage st landed */
+            __syncthreads();             /* everyone's; stage st - 1 is consumed */
+            if (st + STAGES - 1 < nstage)
+                produce(st + STAGES - 1);
+            cp_async_commit();
+            const unsigned char *wb = wst + (st % STAGES) * SH::WST;
+            const float *ab = ast + (st % STAGES) * U * R;
+            const unsigned char *xb = xst + (st % STAGES) * SH::XST;
+            const int c0 = st * U;
+            uint32_t xa0[XW], xa1[MH > 1 ? XW : 1];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (c0 + u >= nchunks)
+                    break;
+                load_x(xb, u, xa0, xa1);
+                if (probe) { /* benchmark probe: the stream alone, no decode or MMA */
 #pragma unroll
                     for (int j = 0; j < NT; j++)
+                        acc[j][0] += __uint_as_float(*reinterpret_cast<const uint32_t *>(
+                                         wb + (wrow + j * 8) * RS + u * CB + t * BYTES) & 0x007fffffu) +
+                                     ab[u * R + acol0 + j * 8] + __uint_as_float(xa0[0] & 0x007fffffu);
+                    continue;
+                }
+                /* the NT tiles' MMAs interleaved, two accumulators each (even and odd
+                 * steps): 2 * NT independent chains instead of one chain of STEPS * NT
+                 * (run 7: the decode was latency-bound, ~3 warps a scheduler) */
+                uint32_t ww[NT][WORDS];
+                float2 am[NT];
 #pragma unroll
-                        for (int e = 0; e < 2; e++)
-                            bt.am[u][j][e] = __ldg(absmax + ((acol[j][e] + (int64_t)(ci0 + u) * CK) >> log2_group));
-        }
-    };
-
-    float acc[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-
-    /* Tokens of chunk ci into xr0/xr1 (L1 hits: every warp of the block reads them). */
-    auto load_x = [&](int ci, uint32_t (&xr0)[XW], uint32_t (&xr1)[MH > 1 ? XW : 1]) {
-#pragma unroll
-        for (int i = 0; i < XW; i += 4) {
-            uint4 u0 = row0 ? __ldg(reinterpret_cast<const uint4 *>(xp0 + (int64_t)ci * CK) + i / 4)
-                            : make_uint4(0, 0, 0, 0);
-            xr0[i] = u0.x; xr0[i + 1] = u0.y; xr0[i + 2] = u0.z; xr0[i + 3] = u0.w;
-            if constexpr (MH > 1) {
-                uint4 u1 = row1 ? __ldg(reinterpret_cast<const uint4 *>(xp1 + (int64_t)ci * CK) + i / 4)
-                                : make_uint4(0, 0, 0, 0);
-                xr1[i] = u1.x; xr1[i + 1] = u1.y; xr1[i + 2] = u1.z; xr1[i + 3] = u1.w;
-            }
-        }
-    };
-
-    /* Computes batch `b`. One token row (M <= 8): the tokens of the next chunk are
-     * requested before the MMAs of the current one; two rows would spill registers, and
-     * the next batch's weights are in flight meanwhile anyway. */
-    auto compute = [&](int b, const SkinnyBatch<U, NT, WORDS> &bt) {
-        constexpr int XB = MH > 1 ? 1 : 2;
-        const int ci0 = b * U;
-        uint32_t xa0[XB][XW], xa1[XB][MH > 1 ? XW : 1];
-        load_x(ci0, xa0[0], xa1[0]);
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            if (ci0 + u >= nchunks)
-                break;
-            if (XB == 1 && u > 0)
-                load_x(ci0 + u, xa0[0], xa1[0]);
-            if (XB == 2 && u + 1 < U && ci0 + u + 1 < nchunks)
-                load_x(ci0 + u + 1, xa0[(u + 1) % XB], xa1[(u + 1) % XB]);
-            const uint32_t *cx0 = xa0[u % XB], *cx1 = xa1[u % XB];
-            if (probe) { /* benchmark probe: memory traffic alone, no decode or MMA */
+                for (int j = 0; j < NT; j++) {
+                    const unsigned char *wr = wb + (wrow + j * 8) * RS + u * CB + t * BYTES;
+                    if constexpr (WORDS == 4) {
+                        uint4 v = *reinterpret_cast<const uint4 *>(wr);
+                        ww[j][0] = v.x; ww[j][1] = v.y; ww[j][2] = v.z; ww[j][3] = v.w;
+                    } else if constexpr (WORDS == 2) {
+                        uint2 v = *reinterpret_cast<const uint2 *>(wr);
+                        ww[j][0] = v.x; ww[j][1] = v.y;
+                    } else {
+                        ww[j][0] = *reinterpret_cast<const uint32_t *>(wr);
+                    }
+                    am[j] = *reinterpret_cast<const float2 *>(ab + u * R + acol0 + j * 8);
+                }
+                float tmp[NT][2][4];
 #pragma unroll
                 for (int j = 0; j < NT; j++)
-                    acc[j][0] += __uint_as_float((bt.w[u][j][0] ^ cx0[0]) & 0x007fffffu) * bt.am[u][j][0] +
-                                 bt.am[u][j][1];
-                continue;
-            }
 #pragma unroll
-            for (int j = 0; j < NT; j++) {
-                float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    for (int e = 0; e < 4; e++)
+                        tmp[j][0][e] = tmp[j][1][e] = 0.0f;
 #pragma unroll
                 for (int s = 0; s < STEPS; s++) {
                     uint32_t a[4];
-                    a[0] = cx0[2 * s];
-                    a[2] = cx0[2 * s + 1];
-                    a[1] = MH > 1 ? cx1[MH > 1 ? 2 * s : 0] : 0u;
-                    a[3] = MH > 1 ? cx1[MH > 1 ? 2 * s + 1 : 0] : 0u;
-                    const uint32_t w = bt.w[u][j][s >> 1];
-                    const uint32_t o0 = (s & 1) ? lut_offset<2>(w, lane4) : lut_offset<0>(w, lane4);
-                    const uint32_t o1 = (s & 1) ? lut_offset<3>(w, lane4) : lut_offset<1>(w, lane4);
-                    const uint32_t b0 = *reinterpret_cast<const uint32_t *>(lut_bytes + o0);
-                    const uint32_t b1 = *reinterpret_cast<const uint32_t *>(lut_bytes + o1);
-                    mma_16816<T>(tmp, a, b0, b1);
+                    a[0] = xa0[2 * s];
+                    a[2] = xa0[2 * s + 1];
+                    a[1] = MH > 1 ? xa1[MH > 1 ? 2 * s : 0] : 0u;
+                    a[3] = MH > 1 ? xa1[MH > 1 ? 2 * s + 1 : 0] : 0u;
+#pragma unroll
+                    for (int j = 0; j < NT; j++) {
+                        const uint32_t w = ww[j][s >> 1];
+                        const uint32_t o0 = (s & 1) ? lut_offset<2>(w, lane4) : lut_offset<0>(w, lane4);
+                        const uint32_t o1 = (s & 1) ? lut_offset<3>(w, lane4) : lut_offset<1>(w, lane4);
+                        const uint32_t b0 = *reinterpret_cast<const uint32_t *>(lut_bytes + o0);
+                        const uint32_t b1 = *reinterpret_cast<const uint32_t *>(lut_bytes + o1);
+                        mma_16816<T>(tmp[j][s & 1], a, b0, b1);
+                    }
                 }
-                acc[j][0] = fmaf(tmp[0], bt.am[u][j][0], acc[j][0]);
-                acc[j][1] = fmaf(tmp[1], bt.am[u][j][1], acc[j][1]);
-                acc[j][2] = fmaf(tmp[2], bt.am[u][j][0], acc[j][2]);
-                acc[j][3] = fmaf(tmp[3], bt.am[u][j][1], acc[j][3]);
+#pragma unroll
+                for (int j = 0; j < NT; j++) {
+                    acc[j][0] = fmaf(tmp[j][0][0] + tmp[j][1][0], am[j].x, acc[j][0]);
+                    acc[j][1] = fmaf(tmp[j][0][1] + tmp[j][1][1], am[j].y, acc[j][1]);
+                    acc[j][2] = fmaf(tmp[j][0][2] + tmp[j][1][2], am[j].x, acc[j][2]);
+                    acc[j][3] = fmaf(tmp[j][0][3] + tmp[j][1][3], am[j].y, acc[j][3]);
+                }
             }
         }
-    };
+        cp_async_wait<0>();
 
-    /* Two batches in registers: batch b + 1 is in flight while batch b is computed
-     * (runs 1-4: one batch at a time left the warps waiting on memory latency). */
-    SkinnyBatch<U, NT, WORDS> ba, bb;
-    if (nbatch > 0)
-        request(0, ba);
-    for (int b = 0; b < nbatch; b += 2) {
-        if (b + 1 < nbatch)
-            request(b + 1, bb);
-        compute(b, ba);
-        if (b + 1 >= nbatch)
-            break;
-        if (b + 2 < nbatch)
-            request(b + 2, ba);
-        compute(b + 1, bb);
-    }
-
-    if (S == 1) {
+        if (S == 1) {
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int m = r + (e >> 1) * 8;
+                    int64_t n = n_warp + j * 8 + 2 * t + (e & 1);
+                    if (m < mv && n < N) {
+                        float v = acc[j][e];
+                        if (bias)
+                            v += to_f32(bias[n]);
+                        y[(m0 + m) * N + n] = from_f32<T>(v);
+                    }
+                }
+            continue;
+        }
+        const int nl = warp * NT * 8;
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int m = r + (e >> 1) * 8;
-                int64_t n = n_warp + j * 8 + 2 * t + (e & 1);
-                if (m < mv && n < N) {
-                    float v = acc[j][e];
-                    if (bias)
-                        v += to_f32(bias[n]);
-                    y[(m0 + m) * N + n] = from_f32<T>(v);
-                }
-            }
-        continue;
-    }
-    const int nl = warp * NT * 8;
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            part[(r + (e >> 1) * 8) * R + nl + j * 8 + 2 * t + (e & 1)] = acc[j][e];
-    cluster_reduce_store<T>(part, R, S, bias, y, m0, mv, tile * R, N);
+            for (int e = 0; e < 4; e++)
+                part[(r + (e >> 1) * 8) * R + nl + j * 8 + 2 * t + (e & 1)] = acc[j][e];
+        cluster_reduce_store<T>(part, R, S, bias, y, m0, mv, tile * R, N);
     } /* row tiles */
+}
+
+template <typename T, int NT, int BYTES, int MH>
+static int run_staged_mh(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax,
+                         const T *bias, T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook,
+                         cudaStream_t stream) {
+    using SH = StagedShape<NT, BYTES, MH>;
+    constexpr int R = SH::R, CK = SH::CK;
+    if (SH::SMEM > dev.smem_optin)
+        return CQ_EUNSUPPORTED;
+    const int64_t row_tiles = (N + R - 1) / R;
+    const unsigned gz = (unsigned)((M + 15) / 16);
+    /* blocks resident on an SM: shared memory (228 KB a card of this generation, 1 KB a
+     * block reserved), at most 4 */
+    int per_sm = (int)((dev.smem_optin + 1024) / (SH::SMEM + 1024));
+    per_sm = per_sm < 1 ? 1 : (per_sm > 4 ? 4 : per_sm);
+    const int64_t resident = (int64_t)per_sm * dev.sms;
+    /* clusters of at most 4: 8 ran slower than 4 at 12288 -> 3072 (run 6: the reduction and
+     * the co-scheduling of 8 blocks cost more than the extra blocks gained) */
+    const int S = skinny_split_for(dev, row_tiles * gz, K / CK, SH::U, resident < 4 * row_tiles * gz ? resident : 4 * row_tiles * gz);
+    const int64_t slots = resident / ((int64_t)S * gz) > 0 ? resident / ((int64_t)S * gz) : 1;
+    const int64_t rounds = (row_tiles + slots - 1) / slots;
+    const unsigned gy = (unsigned)((row_tiles + rounds - 1) / rounds);
+    auto kernel = linear4_staged<T, NT, BYTES, MH>;
+    CQ_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SH::SMEM),
+                "linear_4bit (staged smem)");
+    /* the kernel reads M only through min(M - m0, 16) */
+    return launch_clustered_smem(kernel, S, gy, gz, 128, (size_t)SH::SMEM, stream, "linear_4bit (staged)", x,
+                                 packed, absmax, bias, y, (int)(M < INT32_MAX ? M : INT32_MAX), N, K, lg, codebook,
+                                 S, knob(KNOB_SKINNY_PROBE));
+}
+
+template <typename T, int NT, int BYTES>
+static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax, const T *bias,
+                      T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook, cudaStream_t stream) {
+    if (M <= 8)
+        return run_staged_mh<T, NT, BYTES, 1>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+    return run_staged_mh<T, NT, BYTES, 2>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
 }
 
 /* linear4_generic: warp per (column n, 8 tokens); exact float32 weights. */
@@ -287,58 +392,14 @@ linear4_generic(const T *__restrict__ x, const uint8_t *__restrict__ packed, con
     }
 }
 
-/* Blocks of the skinny kernel: four 128-thread blocks per SM are resident (registers
- * <= 128, 36 KB of shared memory each). The K split S (a cluster, sm_90) is the largest
- * that keeps every block resident at once, so that no second, thin wave waits on DRAM
- * latency alone (run 3: 576 block-tiles on 528 slots ran as two waves); it divides K
- * into whole batches where it can (then the absmax of a batch is one vector load). */
-static inline int skinny_split(const DeviceInfo &dev, int64_t blocks, int64_t chunks, int U) {
-    const int forced = knob(KNOB_SPLIT_K);
-    if (dev.cc < 90)
-        return 1;
-    const int64_t units = chunks % U == 0 ? chunks / U : chunks;
-    int S = forced > 0 ? (forced < 8 ? forced : 8) : 8;
-    if (forced <= 0)
-        while (S > 1 && blocks * S > 4 * (int64_t)dev.sms)
-            S--;
-    while (S > 1 && (units % S != 0 || units / S < 2))
-        S--;
-    return S;
-}
-
-template <typename T, int NT, int BYTES>
-static int run_skinny(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax, const T *bias,
-                      T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook, cudaStream_t stream) {
-    constexpr int R = 4 * NT * 8, CK = BYTES * 8, U = skinny_batch(NT, BYTES);
-    const int64_t row_tiles = (N + R - 1) / R;
-    const unsigned gz = (unsigned)((M + 15) / 16);
-    const int S = skinny_split(dev, row_tiles * gz, K / CK, U);
-    const int64_t kslice = K / S;
-    const int amv = (int64_t(1) << lg) == CK && K % (U * CK) == 0 && kslice % (U * CK) == 0 &&
-                    (reinterpret_cast<uintptr_t>(absmax) & 7u) == 0;
-    /* all blocks resident at once; when there are more row tiles than that, each block
-     * loops over the same number of them (give or take one) */
-    const int64_t slots = 4 * (int64_t)dev.sms / ((int64_t)S * gz) > 0 ? 4 * (int64_t)dev.sms / ((int64_t)S * gz) : 1;
-    const int64_t rounds = (row_tiles + slots - 1) / slots;
-    const unsigned gy = (unsigned)((row_tiles + rounds - 1) / rounds);
-    if (M <= 8)
-        return launch_clustered(linear4_skinny<T, NT, BYTES, 1>, S, gy, gz, 128, stream, "linear_4bit", x, packed,
-                                absmax, bias, y, (int)(M < 16 ? M : 16), N, K, lg, codebook, S, amv,
-                                knob(KNOB_SKINNY_PROBE));
-    /* the kernel reads M only through min(M - m0, 16) */
-    return launch_clustered(linear4_skinny<T, NT, BYTES, 2>, S, gy, gz, 128, stream, "linear_4bit", x, packed,
-                            absmax, bias, y, (int)(M < INT32_MAX ? M : INT32_MAX), N, K, lg, codebook, S, amv,
-                            knob(KNOB_SKINNY_PROBE));
-}
-
 template <typename T, int NT>
 static int pick_bytes(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax, const T *bias,
                       T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook, cudaStream_t stream) {
     if (lg >= 7)
-        return run_skinny<T, NT, 16>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+        return run_staged<T, NT, 16>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
     if (lg == 6)
-        return run_skinny<T, NT, 8>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
-    return run_skinny<T, NT, 4>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+        return run_staged<T, NT, 8>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+    return run_staged<T, NT, 4>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
 }
 
 template <typename T>
@@ -356,12 +417,16 @@ static int linear_4bit_t(const T *x, const uint8_t *packed, const float *absmax,
         path = skinny_ok ? 2 : 1;
     if (path == 2 && skinny_ok) {
         if constexpr (sizeof(T) == 2) {
-            int nt = knob(KNOB_SKINNY_TILE);
+            int st, nt = knob(KNOB_SKINNY_TILE);
             if (nt == 1)
-                return pick_bytes<T, 1>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
-            if (nt == 4)
-                return pick_bytes<T, 4>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
-            return pick_bytes<T, 2>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+                st = pick_bytes<T, 1>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+            else if (nt == 4)
+                st = pick_bytes<T, 4>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+            else
+                st = pick_bytes<T, 2>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+            if (st != CQ_EUNSUPPORTED) /* else too little shared memory on this card (NT = 4 on
+                                          sm_86/89): the generic kernel */
+                return st;
         }
     }
     dim3 grid((unsigned)((N + 7) / 8), (unsigned)((M + 7) / 8));

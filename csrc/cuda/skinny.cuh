@@ -89,14 +89,14 @@ __device__ __forceinline__ void cluster_reduce_store(float *part, int R, int S, 
 }
 
 /* Launches `kernel` on grid (S, gy, gz) with clusters of S blocks along x (S > 1
- * needs sm_90). */
+ * needs sm_90) and `smem` bytes of dynamic shared memory. */
 template <typename Kernel, typename... Args>
-static int launch_clustered(Kernel kernel, int S, unsigned gy, unsigned gz, int threads, cudaStream_t stream,
-                            const char *where, Args... args) {
+static int launch_clustered_smem(Kernel kernel, int S, unsigned gy, unsigned gz, int threads, size_t smem,
+                                 cudaStream_t stream, const char *where, Args... args) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)S, gy, gz);
     cfg.blockDim = dim3((unsigned)threads, 1, 1);
-    cfg.dynamicSmemBytes = 0;
+    cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -111,6 +111,12 @@ static int launch_clustered(Kernel kernel, int S, unsigned gy, unsigned gz, int 
         return CQ_ECUDA;
     }
     return check_launch(where);
+}
+
+template <typename Kernel, typename... Args>
+static int launch_clustered(Kernel kernel, int S, unsigned gy, unsigned gz, int threads, cudaStream_t stream,
+                            const char *where, Args... args) {
+    return launch_clustered_smem(kernel, S, gy, gz, threads, 0, stream, where, args...);
 }
 
 /* Split of K over a cluster: about 4 blocks per SM in all, at most 8 blocks a
