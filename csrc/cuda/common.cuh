@@ -112,6 +112,25 @@ __device__ __forceinline__ uint32_t warp_max_u32(uint32_t v, int width) {
     return v;
 }
 
+/* End of the generic small-M linears (a warp per column n and 8 tokens from m0): the
+ * lanes' partial sums acc[8] are added across the warp; lane 0 stores y[m0 + m, n]. */
+template <typename T>
+__device__ __forceinline__ void warp_column_store(const float (&acc)[8], const T *bias, T *y, int64_t m0,
+                                                  int64_t M, int64_t n, int64_t N) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int m = 0; m < 8; m++) {
+        float v = acc[m];
+        for (int o = 16; o > 0; o >>= 1)
+            v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0 && m0 + m < M) {
+            if (bias)
+                v += to_f32(bias[n]);
+            y[(m0 + m) * N + n] = from_f32<T>(v);
+        }
+    }
+}
+
 template <typename T> struct DtypeOf;
 template <> struct DtypeOf<float> { static constexpr int code = CQ_F32; };
 template <> struct DtypeOf<__half> { static constexpr int code = CQ_F16; };

@@ -162,29 +162,7 @@ gemm_int8_skinny(const int8_t *__restrict__ xq, const float *__restrict__ xs, co
             }
         }
     }
-    if (S == 1) {
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int m = r + (e >> 1) * 8;
-                int64_t n = n_warp + j * 8 + 2 * t + (e & 1);
-                if (m < mv && n < N) {
-                    float v = acc[j][e];
-                    if (bias)
-                        v += to_f32(bias[n]);
-                    y[(m0 + m) * N + n] = from_f32<T>(v);
-                }
-            }
-        return;
-    }
-    const int nl = warp * NT * 8;
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-            part[(r + (e >> 1) * 8) * R + nl + j * 8 + 2 * t + (e & 1)] = acc[j][e];
-    cluster_reduce_store<T>(part, R, S, bias, y, m0, mv, (int64_t)blockIdx.y * R, N);
+    skinny_store<T, NT>(acc, part, R, S, bias, y, m0, mv, (int64_t)blockIdx.y * R, n_warp, N);
 }
 
 template <typename T, int BYTES>

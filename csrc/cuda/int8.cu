@@ -356,17 +356,7 @@ linear_int8_generic(const T *__restrict__ x, const int8_t *__restrict__ wq, cons
             if (m0 + m < M)
                 acc[m] = fmaf(to_f32(x[(m0 + m) * K + k]), w, acc[m]);
     }
-#pragma unroll
-    for (int m = 0; m < 8; m++) {
-        float v = acc[m];
-        for (int o = 16; o > 0; o >>= 1)
-            v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0 && m0 + m < M) {
-            if (bias)
-                v += to_f32(bias[n]);
-            y[(m0 + m) * N + n] = from_f32<T>(v);
-        }
-    }
+    warp_column_store<T>(acc, bias, y, m0, M, n, N);
 }
 
 int launch_linear_int8(const void *x, int dtype, const int8_t *wq, const float *ws, const void *bias, void *y,

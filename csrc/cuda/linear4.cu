@@ -289,29 +289,7 @@ linear4_staged(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
         }
         cp_async_wait<0>();
 
-        if (S == 1) {
-#pragma unroll
-            for (int j = 0; j < NT; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int m = r + (e >> 1) * 8;
-                    int64_t n = n_warp + j * 8 + 2 * t + (e & 1);
-                    if (m < mv && n < N) {
-                        float v = acc[j][e];
-                        if (bias)
-                            v += to_f32(bias[n]);
-                        y[(m0 + m) * N + n] = from_f32<T>(v);
-                    }
-                }
-            continue;
-        }
-        const int nl = warp * NT * 8;
-#pragma unroll
-        for (int j = 0; j < NT; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-                part[(r + (e >> 1) * 8) * R + nl + j * 8 + 2 * t + (e & 1)] = acc[j][e];
-        cluster_reduce_store<T>(part, R, S, bias, y, m0, mv, tile * R, N);
+        skinny_store<T, NT>(acc, part, R, S, bias, y, m0, mv, tile * R, n_warp, N);
     } /* row tiles */
 }
 
@@ -379,17 +357,7 @@ linear4_generic(const T *__restrict__ x, const uint8_t *__restrict__ packed, con
             if (m0 + m < M)
                 acc[m] = fmaf(to_f32(x[(m0 + m) * K + k]), w, acc[m]);
     }
-#pragma unroll
-    for (int m = 0; m < 8; m++) {
-        float v = acc[m];
-        for (int o = 16; o > 0; o >>= 1)
-            v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0 && m0 + m < M) {
-            if (bias)
-                v += to_f32(bias[n]);
-            y[(m0 + m) * N + n] = from_f32<T>(v);
-        }
-    }
+    warp_column_store<T>(acc, bias, y, m0, M, n, N);
 }
 
 template <typename T, int NT>

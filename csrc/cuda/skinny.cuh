@@ -88,6 +88,38 @@ __device__ __forceinline__ void cluster_reduce_store(float *part, int R, int S, 
 #endif
 }
 
+/* The end of a warp's share of a skinny row tile: its C fragments acc[NT][4] (16 tokens
+ * x NT tiles of 8 rows from n_warp) go to y with bias when K is not split (S == 1), else
+ * through part[16][R] (the block's R rows from n0) and the cluster's rank-ordered sum. */
+template <typename T, int NT>
+__device__ __forceinline__ void skinny_store(const float (&acc)[NT][4], float *part, int R, int S, const T *bias,
+                                             T *y, int64_t m0, int mv, int64_t n0, int64_t n_warp, int64_t N) {
+    const int lane = threadIdx.x & 31, r = lane >> 2, t = lane & 3;
+    if (S == 1) {
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int m = r + (e >> 1) * 8;
+                int64_t n = n_warp + j * 8 + 2 * t + (e & 1);
+                if (m < mv && n < N) {
+                    float v = acc[j][e];
+                    if (bias)
+                        v += to_f32(bias[n]);
+                    y[(m0 + m) * N + n] = from_f32<T>(v);
+                }
+            }
+        return;
+    }
+    const int nl = (int)(n_warp - n0);
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            part[(r + (e >> 1) * 8) * R + nl + j * 8 + 2 * t + (e & 1)] = acc[j][e];
+    cluster_reduce_store<T>(part, R, S, bias, y, m0, mv, n0, N);
+}
+
 /* Launches `kernel` on grid (S, gy, gz) with clusters of S blocks along x (S > 1
  * needs sm_90) and `smem` bytes of dynamic shared memory. */
 template <typename Kernel, typename... Args>
