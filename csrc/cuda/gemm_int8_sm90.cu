@@ -394,12 +394,9 @@ template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST>
 static int run_wgmma(const GemmInt8Args<T> &a, cudaStream_t stream) {
     using Cfg = Sm90Cfg<BN, PROMOTE>;
     auto kernel = gemm_int8_wgmma<T, BN, PROMOTE, XS_GROUPED, MCAST>;
-    static int attr_set;
-    if (!attr_set) {
-        CQ_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM),
-                    "gemm_int8 (sm90) shared memory");
-        attr_set = 1;
-    }
+    /* every launch, per device context (see run_mma80) */
+    CQ_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM),
+                "gemm_int8 (sm90) shared memory");
     CUtensorMap ma, mb;
     int st = make_map(&ma, a.xq, a.M, a.K, SM90_BM);
     if (!st)
