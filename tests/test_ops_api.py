@@ -200,6 +200,55 @@ def test_c_bad_arguments_raise(case):
         getattr(C, name)(*args)
 
 
+# Pointer and stream arguments of every entry point: position -> name in the messages.
+POINTERS = {
+    "quantize_4bit": {0: "x", 2: "packed", 3: "absmax", 8: "stream"},
+    "dequantize_4bit": {0: "packed", 1: "absmax", 2: "y", 8: "stream"},
+    "linear_4bit": {0: "x", 2: "packed", 3: "absmax", 4: "bias", 5: "y", 12: "stream"},
+    "quantize_int8": {0: "x", 2: "q", 3: "scale", 9: "stream"},
+    "dequantize_int8": {0: "q", 1: "scale", 2: "y", 9: "stream"},
+    "gemm_int8": {0: "xq", 1: "xs", 2: "wq", 3: "ws", 4: "bias", 5: "y", 14: "stream"},
+    "linear_int8": {0: "x", 2: "wq", 3: "ws", 4: "bias", 5: "y", 12: "stream"},
+    "dequantize_absmax": {0: "codes", 1: "nested_absmax", 2: "quant_map", 4: "absmax", 7: "stream"},
+}
+OPTIONAL = {"bias", "stream"}  # 0 means none / the default stream
+POINTER_ARGS = [(name, i, arg) for name, args in POINTERS.items() for i, arg in args.items()]
+
+
+@needs_c
+@pytest.mark.parametrize("name,i,arg", POINTER_ARGS, ids=[f"{n}-{a}" for n, _, a in POINTER_ARGS])
+def test_c_pointer_arguments_reject_negative_wide_and_null(name, i, arg):
+    """"K" parsing took -8 as 2**64 - 8 (a wild pointer for the kernel) and masked ints
+    wider than 64 bits; every pointer and stream argument now says which one is bad."""
+    b = Bufs()
+    valid = _c_calls(b)[name]
+    assert isinstance(valid[i], int) and not isinstance(valid[i], bool), f"{name}[{i}] is not a pointer slot"
+
+    def call(v):
+        args = list(valid)
+        args[i] = v
+        return getattr(C, name)(*args)
+
+    for v in (-1, -8, -(2**63), -(2**64) + 8):
+        with pytest.raises(ValueError, match=rf"^{arg}: a pointer cannot be negative, got {v}$"):
+            call(v)
+    for v in (2**64, 2**64 + valid[i], 2**200):
+        with pytest.raises(OverflowError, match=rf"^{arg}: pointer {v} does not fit"):
+            call(v)
+    for v in (True, 1.0, None, "0"):
+        with pytest.raises(TypeError, match=rf"^{arg}: a pointer must be an int"):
+            call(v)
+    if arg in OPTIONAL:
+        assert call(0) is None
+    else:
+        with pytest.raises(ValueError, match=rf"^{arg}: null data pointer$"):
+            call(0)
+    assert call(valid[i]) is None
+    # The table names every required pointer of the entry point (the valid call's addresses).
+    required = {j for j, a in POINTERS[name].items() if a not in OPTIONAL}
+    assert required == {j for j, v in enumerate(valid) if isinstance(v, int) and v > 2**20}
+
+
 @needs_c
 def test_c_argument_count_and_types():
     with pytest.raises(TypeError):
