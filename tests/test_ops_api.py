@@ -54,7 +54,7 @@ BAD_OPS = [
     (lambda: ops.linear_int8(torch.randn(3, 96).to(torch.float64), *_int8_weight(), "int8_lode", 32), TypeError,
      r"x: expected dtype"),
     (lambda: ops.linear_int8(torch.randn(3, 96, device="meta"), *_int8_weight(), "int8_lode", 32), ValueError,
-     r"x: expected device cpu, got meta"),
+     r"linear_int8: expected all tensors on one device, got x on meta, qweight on cpu, weight_scale on cpu"),
     (lambda: ops.quantize_int8_act(torch.randn(3, 8), -1), ValueError, r"group_k: expected a positive int, got -1"),
     (lambda: ops.quantize_4bit(torch.randn(64), "nf5", 64), ValueError, r"codebook: expected 'nf4' or 'fp4'"),
     (lambda: ops.quantize_4bit(torch.randn(64), "nf4", 100), ValueError, r"group_size for nf4 must be a power of two"),
@@ -80,6 +80,42 @@ def test_ops_nonfinite_weight_names_the_tensor(layout):
     for backend in ("cpu", "reference") if C is not None else ("reference",):
         with ops.use_backend(backend), pytest.raises(ValueError, match=r"cannot quantize weight of shape \(8, 64\).*NaN or Inf"):
             ops.quantize_int8(w, layout, g)
+
+
+def _mixed_device_calls(other: str):
+    """(op, call with one tensor moved to ``other``, that tensor's name, another tensor's
+    name) for every op that takes several tensors."""
+    packed, absmax = ops.quantize_4bit(torch.randn(8, 64), "nf4", 64)
+    q, s = _int8_weight()
+    codes, nested, qmap, offset = ops.quantize_absmax_nested(torch.rand(300))
+    x4, x8, b = torch.randn(3, 64), torch.randn(3, 96), torch.randn(24)
+    o = lambda t: t.to(other)  # noqa: E731
+    return [
+        ("dequantize_4bit", lambda: ops.dequantize_4bit(packed, o(absmax), "nf4", 64, (8, 64)), "absmax", "packed"),
+        ("linear_4bit", lambda: ops.linear_4bit(o(x4), packed, absmax, "nf4", 64, (8, 64)), "x", "packed"),
+        ("linear_4bit", lambda: ops.linear_4bit(x4, packed, absmax, "nf4", 64, (8, 64), o(torch.randn(8))),
+         "bias", "absmax"),
+        ("dequantize_int8", lambda: ops.dequantize_int8(q, o(s), "int8_lode", 32), "weight_scale", "qweight"),
+        ("linear_int8", lambda: ops.linear_int8(x8, o(q), s, "int8_lode", 32, b), "qweight", "x"),
+        ("linear_int8", lambda: ops.linear_int8(x8, q, s, "int8_lode", 32, o(b), act_quant=False),
+         "bias", "weight_scale"),
+        ("dequantize_absmax_nested", lambda: ops.dequantize_absmax_nested(codes, nested, o(qmap), offset),
+         "nested_quant_map", "nested_absmax"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_ops_refuse_tensors_on_different_devices(backend):
+    """Every op with several tensors names each tensor and its device when they differ
+    (a kernel given pointers of two devices would read the wrong memory)."""
+    if backend == "cpu" and C is None:
+        pytest.skip("native extension not built")
+    with ops.use_backend(backend):
+        for op, call, moved, kept in _mixed_device_calls("meta"):
+            with pytest.raises(ValueError, match=rf"^{op}: expected all tensors on one device, got .*") as err:
+                call()
+            msg = str(err.value)
+            assert f"{moved} on meta" in msg and f"{kept} on cpu" in msg, msg
 
 
 def test_custom_ops_raise_the_same_errors():
