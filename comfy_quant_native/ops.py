@@ -11,7 +11,8 @@ off, ``use_backend()`` forces one):
   cpu        native C kernels (_C), threaded, AVX2/AVX-512 by CPU features
   reference  plain PyTorch (reference.py): the oracle, and the fallback with one warning
 Every entry validates its tensors and raises ValueError/TypeError naming the tensor,
-the expected and the actual shape/dtype/device, before any kernel runs.
+the expected and the actual shape/dtype/device, before any kernel runs; all tensors of
+one call must be on one device, and CUDA kernels launch with that device current.
 """
 
 from __future__ import annotations
@@ -140,6 +141,17 @@ def _dev(t: torch.Tensor) -> tuple[int, int]:
     return 0, 0
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
+def _on_device(t: torch.Tensor):
+    """Context for a _C call on ``t``: the CUDA launchers run on the CUDA runtime's current
+    device, so a tensor on cuda:1 while cuda:0 is current would be launched on cuda:0.
+    torch.cuda.device makes t's device current and restores the old one (no device switch
+    when it already is current); nothing for a CPU tensor."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NO_GUARD
+
+
 def _nthreads() -> int:
     return max(1, torch.get_num_threads())
 
@@ -204,6 +216,15 @@ def check_tensor(
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {tuple(t.shape)}")
 
 
+def _check_same_device(op: str, **tensors) -> None:
+    """All tensor arguments of ``op`` on one device (None and non-tensors are skipped:
+    check_tensor names those); the message lists each tensor's device."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"{op}: expected all tensors on one device, got {listing}")
+
+
 def _check_codebook(codebook: str) -> None:
     if codebook not in L.FOUR_BIT:
         raise ValueError(f"codebook: expected 'nf4' or 'fp4', got {codebook!r}")
@@ -214,9 +235,9 @@ def _check_nonempty(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: cannot quantize an empty tensor (shape {tuple(t.shape)})")
 
 
-def _check_4bit_weight(packed, absmax, group_size, n, device):
-    check_tensor(packed, "packed", dtype=torch.uint8, shape=((n + 1) // 2,), device=device)
-    check_tensor(absmax, "absmax", dtype=torch.float32, shape=(math.ceil(n / group_size),), device=device)
+def _check_4bit_weight(packed, absmax, group_size, n):
+    check_tensor(packed, "packed", dtype=torch.uint8, shape=((n + 1) // 2,))
+    check_tensor(absmax, "absmax", dtype=torch.float32, shape=(math.ceil(n / group_size),))
 
 
 def _check_int8_weight(q, scale, layout, group_size):
@@ -224,19 +245,18 @@ def _check_int8_weight(q, scale, layout, group_size):
     N, K = q.shape
     if N == 0 or K == 0:
         _fail("qweight", "a non-empty [N, K]", "tensor", f"shape {tuple(q.shape)}")
-    check_tensor(scale, "weight_scale", dtype=torch.float32,
-                 shape=L.scale_shape(layout, group_size, N, K), device=q.device)
+    check_tensor(scale, "weight_scale", dtype=torch.float32, shape=L.scale_shape(layout, group_size, N, K))
 
 
-def _check_x(x, K, device, name="x"):
-    check_tensor(x, name, dtype=L.FLOAT_DTYPES, device=device, contiguous=False)
+def _check_x(x, K, name="x"):
+    check_tensor(x, name, dtype=L.FLOAT_DTYPES, contiguous=False)
     if x.dim() < 1 or x.shape[-1] != K:
         _fail(name, "last dimension (in_features)", K, f"shape {tuple(x.shape)}")
 
 
-def _check_bias(bias, N, x):
+def _check_bias(bias, N):
     if bias is not None:
-        check_tensor(bias, "bias", dtype=L.FLOAT_DTYPES, shape=(N,), device=x.device, contiguous=False)
+        check_tensor(bias, "bias", dtype=L.FLOAT_DTYPES, shape=(N,), contiguous=False)
 
 
 def _nonfinite_error(name: str, t: torch.Tensor, e: Exception):
@@ -266,8 +286,9 @@ def _quantize_4bit(x: torch.Tensor, codebook: str, group_size: int) -> tuple[tor
     absmax = torch.empty(math.ceil(n / group_size), dtype=torch.float32, device=x.device)
     dev, stream = _dev(x)
     try:
-        _C.quantize_4bit(x.data_ptr(), L.DTYPE_CODES[x.dtype], packed.data_ptr(), absmax.data_ptr(),
-                         n, group_size, L.CODEBOOK_CODES[codebook], dev, stream, _nthreads())
+        with _on_device(x):
+            _C.quantize_4bit(x.data_ptr(), L.DTYPE_CODES[x.dtype], packed.data_ptr(), absmax.data_ptr(),
+                             n, group_size, L.CODEBOOK_CODES[codebook], dev, stream, _nthreads())
     except ValueError as e:
         raise _nonfinite_error("weight", x, e) from None
     if dev == 1:
@@ -282,16 +303,17 @@ def _dequantize_4bit(packed, absmax, codebook, group_size, shape, dtype) -> torc
     n = math.prod(shape)
     if n == 0 or any(s < 0 for s in shape):
         _fail("shape", "a non-empty shape", "", shape)
-    check_tensor(packed, "packed", dtype=torch.uint8)
-    _check_4bit_weight(packed, absmax, group_size, n, packed.device)
+    _check_same_device("dequantize_4bit", packed=packed, absmax=absmax)
+    _check_4bit_weight(packed, absmax, group_size, n)
     if dtype not in L.FLOAT_DTYPES:
         raise TypeError(f"dtype: expected one of {L.FLOAT_DTYPES}, got {dtype}")
     if backend_for(packed.device) == "reference":
         return reference.dequantize_4bit(packed, absmax, codebook, group_size, shape, dtype)
     y = torch.empty(shape, dtype=dtype, device=packed.device)
     dev, stream = _dev(packed)
-    _C.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), y.data_ptr(), L.DTYPE_CODES[dtype], n,
-                       group_size, L.CODEBOOK_CODES[codebook], dev, stream, _nthreads())
+    with _on_device(packed):
+        _C.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), y.data_ptr(), L.DTYPE_CODES[dtype], n,
+                           group_size, L.CODEBOOK_CODES[codebook], dev, stream, _nthreads())
     return y
 
 
@@ -301,10 +323,10 @@ def _linear_4bit(x, packed, absmax, codebook, group_size, shape, bias) -> torch.
     L.check_group_size(codebook, group_size)
     if N <= 0 or K <= 0:
         _fail("shape", "positive (N, K)", "", (N, K))
-    check_tensor(packed, "packed", dtype=torch.uint8)
-    _check_4bit_weight(packed, absmax, group_size, N * K, packed.device)
-    _check_x(x, K, packed.device)
-    _check_bias(bias, N, x)
+    _check_same_device("linear_4bit", x=x, packed=packed, absmax=absmax, bias=bias)
+    _check_4bit_weight(packed, absmax, group_size, N * K)
+    _check_x(x, K)
+    _check_bias(bias, N)
     backend = backend_for(x.device)
     if backend == "reference":
         return reference.linear_4bit(x, packed, absmax, codebook, group_size, N, K, bias)
@@ -320,9 +342,10 @@ def _linear_4bit(x, packed, absmax, codebook, group_size, shape, bias) -> torch.
     x2 = x.reshape(M, K).to(dtype).contiguous()
     b = None if bias is None else bias.to(dtype).contiguous()
     y = torch.empty(M, N, dtype=dtype, device=x.device)
-    _C.linear_4bit(x2.data_ptr(), L.DTYPE_CODES[dtype], packed.data_ptr(), absmax.data_ptr(),
-                   0 if b is None else b.data_ptr(), y.data_ptr(), M, N, K, group_size,
-                   L.CODEBOOK_CODES[codebook], dev, stream, _nthreads())
+    with _on_device(x):
+        _C.linear_4bit(x2.data_ptr(), L.DTYPE_CODES[dtype], packed.data_ptr(), absmax.data_ptr(),
+                       0 if b is None else b.data_ptr(), y.data_ptr(), M, N, K, group_size,
+                       L.CODEBOOK_CODES[codebook], dev, stream, _nthreads())
     return y.to(x.dtype).reshape(*lead, N)
 
 
@@ -338,8 +361,9 @@ def _quantize_int8_tiles(x2d: torch.Tensor, gn: int, gk: int, name: str) -> tupl
     scale = torch.empty(math.ceil(N / gn), math.ceil(K / gk), dtype=torch.float32, device=x2d.device)
     dev, stream = _dev(x2d)
     try:
-        _C.quantize_int8(x2d.data_ptr(), L.DTYPE_CODES[x2d.dtype], q.data_ptr(), scale.data_ptr(),
-                         N, K, gn, gk, dev, stream, _nthreads())
+        with _on_device(x2d):
+            _C.quantize_int8(x2d.data_ptr(), L.DTYPE_CODES[x2d.dtype], q.data_ptr(), scale.data_ptr(),
+                             N, K, gn, gk, dev, stream, _nthreads())
     except ValueError as e:
         raise _nonfinite_error(name, x2d, e) from None
     if dev == 1 and name == "weight":
@@ -363,6 +387,7 @@ def _dequantize_int8(q, scale, layout, group_size, dtype) -> torch.Tensor:
     if layout not in L.INT8:
         raise ValueError(f"layout: expected one of {L.INT8}, got {layout!r}")
     check_tensor(q, "qweight", dtype=torch.int8, ndim=2)
+    _check_same_device("dequantize_int8", qweight=q, weight_scale=scale)
     group_size = L.check_group_size(layout, group_size, q.shape[1])
     _check_int8_weight(q, scale, layout, group_size)
     if dtype not in L.FLOAT_DTYPES:
@@ -373,8 +398,9 @@ def _dequantize_int8(q, scale, layout, group_size, dtype) -> torch.Tensor:
     gn, gk = L.int8_tile(layout, group_size, K)
     y = torch.empty(N, K, dtype=dtype, device=q.device)
     dev, stream = _dev(q)
-    _C.dequantize_int8(q.data_ptr(), scale.data_ptr(), y.data_ptr(), L.DTYPE_CODES[dtype], N, K, gn, gk,
-                       dev, stream, _nthreads())
+    with _on_device(q):
+        _C.dequantize_int8(q.data_ptr(), scale.data_ptr(), y.data_ptr(), L.DTYPE_CODES[dtype], N, K, gn, gk,
+                           dev, stream, _nthreads())
     return y
 
 
@@ -393,11 +419,12 @@ def _linear_int8(x, q, scale, layout, group_size, bias, act_quant) -> torch.Tens
     if layout not in L.INT8:
         raise ValueError(f"layout: expected one of {L.INT8}, got {layout!r}")
     check_tensor(q, "qweight", dtype=torch.int8, ndim=2)
+    _check_same_device("linear_int8", x=x, qweight=q, weight_scale=scale, bias=bias)
     N, K = q.shape
     group_size = L.check_group_size(layout, group_size, K)
     _check_int8_weight(q, scale, layout, group_size)
-    _check_x(x, K, q.device)
-    _check_bias(bias, N, x)
+    _check_x(x, K)
+    _check_bias(bias, N)
     backend = backend_for(x.device)
     if backend == "reference":
         return reference.linear_int8(x, q, scale, layout, group_size, bias, act_quant)
@@ -413,28 +440,30 @@ def _linear_int8(x, q, scale, layout, group_size, bias, act_quant) -> torch.Tens
         x2 = x.reshape(M, K).contiguous()
         xq, xs = _quantize_int8_tiles(x2, 1, L.act_group_k(layout, group_size, K), "x")
         y = torch.empty(M, N, dtype=out_dtype, device=x.device)
-        _C.gemm_int8(xq.data_ptr(), xs.data_ptr(), q.data_ptr(), scale.data_ptr(),
-                     0 if b is None else b.data_ptr(), y.data_ptr(), L.DTYPE_CODES[out_dtype],
-                     M, N, K, xs.shape[1], gn, gk, dev, stream, _nthreads())
+        with _on_device(x):
+            _C.gemm_int8(xq.data_ptr(), xs.data_ptr(), q.data_ptr(), scale.data_ptr(),
+                         0 if b is None else b.data_ptr(), y.data_ptr(), L.DTYPE_CODES[out_dtype],
+                         M, N, K, xs.shape[1], gn, gk, dev, stream, _nthreads())
         return y.to(x.dtype).reshape(*lead, N)
     if M > fused_max_m(layout, backend, x.dtype):
         w = _dequantize_int8(q, scale, layout, group_size, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(M, K).to(out_dtype).contiguous()
     y = torch.empty(M, N, dtype=out_dtype, device=x.device)
-    _C.linear_int8(x2.data_ptr(), L.DTYPE_CODES[out_dtype], q.data_ptr(), scale.data_ptr(),
-                   0 if b is None else b.data_ptr(), y.data_ptr(), M, N, K, gn, gk, dev, stream,
-                   _nthreads())
+    with _on_device(x):
+        _C.linear_int8(x2.data_ptr(), L.DTYPE_CODES[out_dtype], q.data_ptr(), scale.data_ptr(),
+                       0 if b is None else b.data_ptr(), y.data_ptr(), M, N, K, gn, gk, dev, stream,
+                       _nthreads())
     return y.to(x.dtype).reshape(*lead, N)
 
 
 # ----------------------------------------------------------------------------- double quantization
 def _dequantize_absmax_nested(codes, nested_absmax, code, offset) -> torch.Tensor:
+    _check_same_device("dequantize_absmax_nested", codes=codes, nested_absmax=nested_absmax, nested_quant_map=code)
     check_tensor(codes, "nested absmax codes", dtype=torch.uint8, ndim=1)
     G = codes.numel()
-    check_tensor(nested_absmax, "nested_absmax", dtype=torch.float32,
-                 shape=(math.ceil(G / L.DQ_BLOCK),), device=codes.device)
-    check_tensor(code, "nested_quant_map", dtype=torch.float32, shape=(256,), device=codes.device)
+    check_tensor(nested_absmax, "nested_absmax", dtype=torch.float32, shape=(math.ceil(G / L.DQ_BLOCK),))
+    check_tensor(code, "nested_quant_map", dtype=torch.float32, shape=(256,))
     offset_t = torch.as_tensor(offset, dtype=torch.float32)
     if offset_t.numel() != 1:
         _fail("nested_offset", "one value, got shape", "", tuple(offset_t.shape))
@@ -444,8 +473,9 @@ def _dequantize_absmax_nested(codes, nested_absmax, code, offset) -> torch.Tenso
         return reference.dequantize_absmax_nested(codes, nested_absmax, code, offset_t.to(codes.device))
     out = torch.empty(G, dtype=torch.float32, device=codes.device)
     dev, stream = _dev(codes)
-    _C.dequantize_absmax(codes.data_ptr(), nested_absmax.data_ptr(), code.data_ptr(), float(offset_t),
-                         out.data_ptr(), G, dev, stream, _nthreads())
+    with _on_device(codes):
+        _C.dequantize_absmax(codes.data_ptr(), nested_absmax.data_ptr(), code.data_ptr(), float(offset_t),
+                             out.data_ptr(), G, dev, stream, _nthreads())
     return out
 
 

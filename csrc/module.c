@@ -70,18 +70,56 @@ static PyObject *raise_status(module_state *st, int status, const char *what, in
 }
 
 /* ------------------------------------------------------------------ argument checks */
-static int check_ptr(unsigned long long p, int dtype, const char *name, int required) {
-    if (p == 0) {
+/* A pointer or stream handle: a Python int in [0, UINTPTR_MAX]. "K" would take -8 as
+ * 2**64 - 8 and wrap anything wider than 64 bits; this says which argument was bad. Parsed
+ * with "O&" into an arg_u64 whose name is set beforehand. */
+typedef struct {
+    const char *name;
+    unsigned long long v;
+} arg_u64;
+
+static int parse_u64(PyObject *obj, void *out) {
+    arg_u64 *a = out;
+    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: a pointer must be an int, got %R", a->name, obj);
+        return 0;
+    }
+    a->v = PyLong_AsUnsignedLongLong(obj); /* OverflowError for negative or too wide */
+    if (a->v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return 0;
+        PyErr_Clear();
+        PyObject *zero = PyLong_FromLong(0);
+        int negative = zero ? PyObject_RichCompareBool(obj, zero, Py_LT) : -1;
+        Py_XDECREF(zero);
+        if (negative < 0)
+            return 0;
+        if (negative)
+            PyErr_Format(PyExc_ValueError, "%s: a pointer cannot be negative, got %R", a->name, obj);
+        else
+            PyErr_Format(PyExc_OverflowError, "%s: pointer %R does not fit in 64 bits", a->name, obj);
+        return 0;
+    }
+    if (a->v > (unsigned long long)UINTPTR_MAX) {
+        PyErr_Format(PyExc_OverflowError, "%s: pointer %R does not fit in a %d-bit address", a->name,
+                     obj, (int)(8 * sizeof(uintptr_t)));
+        return 0;
+    }
+    return 1;
+}
+
+static int check_ptr(const arg_u64 *p, int dtype, int required) {
+    if (p->v == 0) {
         if (!required)
             return 0;
-        PyErr_Format(PyExc_ValueError, "%s: null data pointer", name);
+        PyErr_Format(PyExc_ValueError, "%s: null data pointer", p->name);
         return -1;
     }
     int size = cq_dtype_size(dtype);
-    if (size > 1 && p % (unsigned long long)size != 0) {
+    if (size > 1 && p->v % (unsigned long long)size != 0) {
         /* %p: PyUnicode_FromFormat knows no %llx before Python 3.12 */
-        PyErr_Format(PyExc_ValueError, "%s: pointer %p not aligned to its %d-byte elements", name,
-                     (void *)(uintptr_t)p, size);
+        PyErr_Format(PyExc_ValueError, "%s: pointer %p not aligned to its %d-byte elements", p->name,
+                     (void *)(uintptr_t)p->v, size);
         return -1;
     }
     return 0;
@@ -209,22 +247,25 @@ static int range_dequantize_4bit(void *p, int64_t g0, int64_t g1) {
 /* quantize_4bit(x, x_dtype, packed, absmax, n, group, codebook, device, stream, nthreads) */
 static PyObject *py_quantize_4bit(PyObject *module, PyObject *args) {
     module_state *st = get_state(module);
-    unsigned long long x, packed, absmax, stream;
+    arg_u64 x = {"x", 0}, packed = {"packed", 0}, absmax = {"absmax", 0}, stream = {"stream", 0};
     long long n, group;
     int x_dtype, codebook, device, nthreads;
-    if (!PyArg_ParseTuple(args, "KiKKLLiiKi", &x, &x_dtype, &packed, &absmax, &n, &group, &codebook,
-                          &device, &stream, &nthreads))
+    if (!PyArg_ParseTuple(args, "O&iO&O&LLiiO&i", parse_u64, &x, &x_dtype, parse_u64, &packed,
+                          parse_u64, &absmax, &n, &group, &codebook, &device, parse_u64, &stream,
+                          &nthreads))
         return NULL;
-    if (check_float_dtype(x_dtype, "x") || check_ptr(x, x_dtype, "x", 1) ||
-        check_ptr(packed, CQ_U8, "packed", 1) || check_ptr(absmax, CQ_F32, "absmax", 1) ||
+    if (check_float_dtype(x_dtype, "x") || check_ptr(&x, x_dtype, 1) ||
+        check_ptr(&packed, CQ_U8, 1) || check_ptr(&absmax, CQ_F32, 1) ||
         check_positive(n, "n") || check_product(n, 1, 4, "x") || check_group_4bit(group) ||
         check_codebook(codebook) || check_device(st, device, "quantize_4bit"))
         return NULL;
     int status;
-    ctx_4bit c = {&st->kernels, PTR(x), x_dtype, PTR(packed), PTR(absmax), NULL, 0, n, group, codebook, -1};
+    ctx_4bit c = {&st->kernels, PTR(x.v), x_dtype, PTR(packed.v), PTR(absmax.v), NULL, 0, n, group, codebook,
+                  -1};
     Py_BEGIN_ALLOW_THREADS
     if (device == DEV_CUDA)
-        status = st->cuda->quantize_4bit(c.x, x_dtype, c.packed, c.absmax, n, group, codebook, STREAM(stream));
+        status = st->cuda->quantize_4bit(c.x, x_dtype, c.packed, c.absmax, n, group, codebook,
+                                         STREAM(stream.v));
     else
         status = cq_parallel_for(CQ_CDIV(n, group), 1, nthreads, min_units(group), range_quantize_4bit, &c);
     Py_END_ALLOW_THREADS
@@ -234,22 +275,24 @@ static PyObject *py_quantize_4bit(PyObject *module, PyObject *args) {
 /* dequantize_4bit(packed, absmax, y, y_dtype, n, group, codebook, device, stream, nthreads) */
 static PyObject *py_dequantize_4bit(PyObject *module, PyObject *args) {
     module_state *st = get_state(module);
-    unsigned long long packed, absmax, y, stream;
+    arg_u64 packed = {"packed", 0}, absmax = {"absmax", 0}, y = {"y", 0}, stream = {"stream", 0};
     long long n, group;
     int y_dtype, codebook, device, nthreads;
-    if (!PyArg_ParseTuple(args, "KKKiLLiiKi", &packed, &absmax, &y, &y_dtype, &n, &group, &codebook,
-                          &device, &stream, &nthreads))
+    if (!PyArg_ParseTuple(args, "O&O&O&iLLiiO&i", parse_u64, &packed, parse_u64, &absmax, parse_u64, &y,
+                          &y_dtype, &n, &group, &codebook, &device, parse_u64, &stream, &nthreads))
         return NULL;
-    if (check_float_dtype(y_dtype, "y") || check_ptr(packed, CQ_U8, "packed", 1) ||
-        check_ptr(absmax, CQ_F32, "absmax", 1) || check_ptr(y, y_dtype, "y", 1) ||
+    if (check_float_dtype(y_dtype, "y") || check_ptr(&packed, CQ_U8, 1) ||
+        check_ptr(&absmax, CQ_F32, 1) || check_ptr(&y, y_dtype, 1) ||
         check_positive(n, "n") || check_product(n, 1, 4, "y") || check_group_4bit(group) ||
         check_codebook(codebook) || check_device(st, device, "dequantize_4bit"))
         return NULL;
     int status;
-    ctx_4bit c = {&st->kernels, NULL, 0, PTR(packed), PTR(absmax), PTR(y), y_dtype, n, group, codebook, -1};
+    ctx_4bit c = {&st->kernels, NULL, 0, PTR(packed.v), PTR(absmax.v), PTR(y.v), y_dtype, n, group, codebook,
+                  -1};
     Py_BEGIN_ALLOW_THREADS
     if (device == DEV_CUDA)
-        status = st->cuda->dequantize_4bit(c.packed, c.absmax, c.y, y_dtype, n, group, codebook, STREAM(stream));
+        status = st->cuda->dequantize_4bit(c.packed, c.absmax, c.y, y_dtype, n, group, codebook,
+                                           STREAM(stream.v));
     else {
         advise_huge_pages(c.y, n * cq_dtype_size(y_dtype));
         status = cq_parallel_for(CQ_CDIV(n, group), 1, nthreads, min_units(group), range_dequantize_4bit, &c);
@@ -279,26 +322,29 @@ static int range_linear_4bit(void *p, int64_t n0, int64_t n1) {
  * bias may be 0. CPU: dtype must be float32. */
 static PyObject *py_linear_4bit(PyObject *module, PyObject *args) {
     module_state *st = get_state(module);
-    unsigned long long x, packed, absmax, bias, y, stream;
+    arg_u64 x = {"x", 0}, packed = {"packed", 0}, absmax = {"absmax", 0}, bias = {"bias", 0},
+            y = {"y", 0}, stream = {"stream", 0};
     long long M, N, K, group;
     int dtype, codebook, device, nthreads;
-    if (!PyArg_ParseTuple(args, "KiKKKKLLLLiiKi", &x, &dtype, &packed, &absmax, &bias, &y, &M, &N,
-                          &K, &group, &codebook, &device, &stream, &nthreads))
+    if (!PyArg_ParseTuple(args, "O&iO&O&O&O&LLLLiiO&i", parse_u64, &x, &dtype, parse_u64, &packed,
+                          parse_u64, &absmax, parse_u64, &bias, parse_u64, &y, &M, &N, &K, &group,
+                          &codebook, &device, parse_u64, &stream, &nthreads))
         return NULL;
     if (check_float_dtype(dtype, "x") || check_cpu_f32(device, dtype, "x") ||
-        check_ptr(x, dtype, "x", 1) || check_ptr(packed, CQ_U8, "packed", 1) ||
-        check_ptr(absmax, CQ_F32, "absmax", 1) || check_ptr(bias, dtype, "bias", 0) ||
-        check_ptr(y, dtype, "y", 1) || check_positive(M, "M") || check_positive(N, "N") ||
+        check_ptr(&x, dtype, 1) || check_ptr(&packed, CQ_U8, 1) ||
+        check_ptr(&absmax, CQ_F32, 1) || check_ptr(&bias, dtype, 0) ||
+        check_ptr(&y, dtype, 1) || check_positive(M, "M") || check_positive(N, "N") ||
         check_positive(K, "K") || check_product(M, K, 4, "x") || check_product(N, K, 1, "weight") ||
         check_product(M, N, 4, "y") || check_group_4bit(group) || check_codebook(codebook) ||
         check_device(st, device, "linear_4bit"))
         return NULL;
     int status;
-    ctx_linear c = {&st->kernels, PTR(x), PTR(packed), PTR(absmax), PTR(bias), PTR(y), M, N, K, group, 0, 0, codebook};
+    ctx_linear c = {&st->kernels, PTR(x.v), PTR(packed.v), PTR(absmax.v), PTR(bias.v), PTR(y.v),
+                    M, N, K, group, 0, 0, codebook};
     Py_BEGIN_ALLOW_THREADS
     if (device == DEV_CUDA)
-        status = st->cuda->linear_4bit(c.x, dtype, c.packed, c.scale, PTR(bias), PTR(y), M, N, K, group,
-                                       codebook, STREAM(stream));
+        status = st->cuda->linear_4bit(c.x, dtype, c.packed, c.scale, PTR(bias.v), PTR(y.v), M, N, K, group,
+                                       codebook, STREAM(stream.v));
     else
         status = cq_parallel_for(N, 1, nthreads, min_units(M * K), range_linear_4bit, &c);
     Py_END_ALLOW_THREADS
@@ -342,21 +388,21 @@ static int check_tile(long long N, long long K, long long gn, long long gk) {
 /* quantize_int8(x, x_dtype, q, scale, N, K, gn, gk, device, stream, nthreads) */
 static PyObject *py_quantize_int8(PyObject *module, PyObject *args) {
     module_state *st = get_state(module);
-    unsigned long long x, q, scale, stream;
+    arg_u64 x = {"x", 0}, q = {"q", 0}, scale = {"scale", 0}, stream = {"stream", 0};
     long long N, K, gn, gk;
     int x_dtype, device, nthreads;
-    if (!PyArg_ParseTuple(args, "KiKKLLLLiKi", &x, &x_dtype, &q, &scale, &N, &K, &gn, &gk, &device,
-                          &stream, &nthreads))
+    if (!PyArg_ParseTuple(args, "O&iO&O&LLLLiO&i", parse_u64, &x, &x_dtype, parse_u64, &q, parse_u64,
+                          &scale, &N, &K, &gn, &gk, &device, parse_u64, &stream, &nthreads))
         return NULL;
-    if (check_float_dtype(x_dtype, "x") || check_ptr(x, x_dtype, "x", 1) ||
-        check_ptr(q, CQ_I8, "q", 1) || check_ptr(scale, CQ_F32, "scale", 1) ||
+    if (check_float_dtype(x_dtype, "x") || check_ptr(&x, x_dtype, 1) ||
+        check_ptr(&q, CQ_I8, 1) || check_ptr(&scale, CQ_F32, 1) ||
         check_tile(N, K, gn, gk) || check_device(st, device, "quantize_int8"))
         return NULL;
     int status;
-    ctx_int8 c = {&st->kernels, PTR(x), x_dtype, PTR(q), PTR(scale), NULL, 0, N, K, gn, gk, -1};
+    ctx_int8 c = {&st->kernels, PTR(x.v), x_dtype, PTR(q.v), PTR(scale.v), NULL, 0, N, K, gn, gk, -1};
     Py_BEGIN_ALLOW_THREADS
     if (device == DEV_CUDA)
-        status = st->cuda->quantize_int8(c.x, x_dtype, c.q, c.scale, N, K, gn, gk, STREAM(stream));
+        status = st->cuda->quantize_int8(c.x, x_dtype, c.q, c.scale, N, K, gn, gk, STREAM(stream.v));
     else
         status = cq_parallel_for(CQ_CDIV(N, gn), 1, nthreads, min_units(gn * K), range_quantize_int8, &c);
     Py_END_ALLOW_THREADS
@@ -366,21 +412,21 @@ static PyObject *py_quantize_int8(PyObject *module, PyObject *args) {
 /* dequantize_int8(q, scale, y, y_dtype, N, K, gn, gk, device, stream, nthreads) */
 static PyObject *py_dequantize_int8(PyObject *module, PyObject *args) {
     module_state *st = get_state(module);
-    unsigned long long q, scale, y, stream;
+    arg_u64 q = {"q", 0}, scale = {"scale", 0}, y = {"y", 0}, stream = {"stream", 0};
     long long N, K, gn, gk;
     int y_dtype, device, nthreads;
-    if (!PyArg_ParseTuple(args, "KKKiLLLLiKi", &q, &scale, &y, &y_dtype, &N, &K, &gn, &gk, &device,
-                          &stream, &nthreads))
+    if (!PyArg_ParseTuple(args, "O&O&O&iLLLLiO&i", parse_u64, &q, parse_u64, &scale, parse_u64, &y,
+                          &y_dtype, &N, &K, &gn, &gk, &device, parse_u64, &stream, &nthreads))
         return NULL;
-    if (check_float_dtype(y_dtype, "y") || check_ptr(q, CQ_I8, "q", 1) ||
-        check_ptr(scale, CQ_F32, "scale", 1) || check_ptr(y, y_dtype, "y", 1) ||
+    if (check_float_dtype(y_dtype, "y") || check_ptr(&q, CQ_I8, 1) ||
+        check_ptr(&scale, CQ_F32, 1) || check_ptr(&y, y_dtype, 1) ||
         check_tile(N, K, gn, gk) || check_device(st, device, "dequantize_int8"))
         return NULL;
     int status;
-    ctx_int8 c = {&st->kernels, NULL, 0, PTR(q), PTR(scale), PTR(y), y_dtype, N, K, gn, gk, -1};
+    ctx_int8 c = {&st->kernels, NULL, 0, PTR(q.v), PTR(scale.v), PTR(y.v), y_dtype, N, K, gn, gk, -1};
     Py_BEGIN_ALLOW_THREADS
     if (device == DEV_CUDA)
-        status = st->cuda->dequantize_int8(c.q, c.scale, c.y, y_dtype, N, K, gn, gk, STREAM(stream));
+        status = st->cuda->dequantize_int8(c.q, c.scale, c.y, y_dtype, N, K, gn, gk, STREAM(stream.v));
     else {
         advise_huge_pages(c.y, N * K * cq_dtype_size(y_dtype));
         status = cq_parallel_for(CQ_CDIV(N, gn), 1, nthreads, min_units(gn * K), range_dequantize_int8, &c);
@@ -410,16 +456,18 @@ static int range_gemm_int8(void *p, int64_t n0, int64_t n1) {
  * bias may be 0. CPU: y_dtype must be float32. */
 static PyObject *py_gemm_int8(PyObject *module, PyObject *args) {
     module_state *st = get_state(module);
-    unsigned long long xq, xs, wq, ws, bias, y, stream;
+    arg_u64 xq = {"xq", 0}, xs = {"xs", 0}, wq = {"wq", 0}, ws = {"ws", 0}, bias = {"bias", 0},
+            y = {"y", 0}, stream = {"stream", 0};
     long long M, N, K, xs_groups, gn, gk;
     int y_dtype, device, nthreads;
-    if (!PyArg_ParseTuple(args, "KKKKKKiLLLLLLiKi", &xq, &xs, &wq, &ws, &bias, &y, &y_dtype, &M, &N,
-                          &K, &xs_groups, &gn, &gk, &device, &stream, &nthreads))
+    if (!PyArg_ParseTuple(args, "O&O&O&O&O&O&iLLLLLLiO&i", parse_u64, &xq, parse_u64, &xs, parse_u64,
+                          &wq, parse_u64, &ws, parse_u64, &bias, parse_u64, &y, &y_dtype, &M, &N, &K,
+                          &xs_groups, &gn, &gk, &device, parse_u64, &stream, &nthreads))
         return NULL;
     if (check_float_dtype(y_dtype, "y") || check_cpu_f32(device, y_dtype, "y") ||
-        check_ptr(xq, CQ_I8, "xq", 1) || check_ptr(xs, CQ_F32, "xs", 1) ||
-        check_ptr(wq, CQ_I8, "wq", 1) || check_ptr(ws, CQ_F32, "ws", 1) ||
-        check_ptr(bias, y_dtype, "bias", 0) || check_ptr(y, y_dtype, "y", 1) ||
+        check_ptr(&xq, CQ_I8, 1) || check_ptr(&xs, CQ_F32, 1) ||
+        check_ptr(&wq, CQ_I8, 1) || check_ptr(&ws, CQ_F32, 1) ||
+        check_ptr(&bias, y_dtype, 0) || check_ptr(&y, y_dtype, 1) ||
         check_positive(M, "M") || check_tile(N, K, gn, gk) || check_product(M, K, 4, "x") ||
         check_product(M, N, 4, "y") || check_device(st, device, "gemm_int8"))
         return NULL;
@@ -429,11 +477,12 @@ static PyObject *py_gemm_int8(PyObject *module, PyObject *args) {
         return NULL;
     }
     int status;
-    ctx_gemm c = {&st->kernels, PTR(xq), PTR(xs), PTR(wq), PTR(ws), PTR(bias), PTR(y), M, N, K, xs_groups, gn, gk};
+    ctx_gemm c = {&st->kernels, PTR(xq.v), PTR(xs.v), PTR(wq.v), PTR(ws.v), PTR(bias.v), PTR(y.v),
+                  M, N, K, xs_groups, gn, gk};
     Py_BEGIN_ALLOW_THREADS
     if (device == DEV_CUDA)
-        status = st->cuda->gemm_int8(c.xq, c.xs, c.wq, c.ws, PTR(bias), PTR(y), y_dtype, M, N, K,
-                                     xs_groups, gn, gk, STREAM(stream));
+        status = st->cuda->gemm_int8(c.xq, c.xs, c.wq, c.ws, PTR(bias.v), PTR(y.v), y_dtype, M, N, K,
+                                     xs_groups, gn, gk, STREAM(stream.v));
     else
         status = cq_parallel_for(N, 32, nthreads, min_units(M * K), range_gemm_int8, &c); /* 32: SIMD panel */
     Py_END_ALLOW_THREADS
@@ -450,25 +499,28 @@ static int range_linear_int8(void *p, int64_t n0, int64_t n1) {
  * weight-only; bias may be 0. CPU: dtype must be float32. */
 static PyObject *py_linear_int8(PyObject *module, PyObject *args) {
     module_state *st = get_state(module);
-    unsigned long long x, wq, ws, bias, y, stream;
+    arg_u64 x = {"x", 0}, wq = {"wq", 0}, ws = {"ws", 0}, bias = {"bias", 0}, y = {"y", 0},
+            stream = {"stream", 0};
     long long M, N, K, gn, gk;
     int dtype, device, nthreads;
-    if (!PyArg_ParseTuple(args, "KiKKKKLLLLLiKi", &x, &dtype, &wq, &ws, &bias, &y, &M, &N, &K, &gn,
-                          &gk, &device, &stream, &nthreads))
+    if (!PyArg_ParseTuple(args, "O&iO&O&O&O&LLLLLiO&i", parse_u64, &x, &dtype, parse_u64, &wq,
+                          parse_u64, &ws, parse_u64, &bias, parse_u64, &y, &M, &N, &K, &gn, &gk,
+                          &device, parse_u64, &stream, &nthreads))
         return NULL;
     if (check_float_dtype(dtype, "x") || check_cpu_f32(device, dtype, "x") ||
-        check_ptr(x, dtype, "x", 1) || check_ptr(wq, CQ_I8, "wq", 1) ||
-        check_ptr(ws, CQ_F32, "ws", 1) || check_ptr(bias, dtype, "bias", 0) ||
-        check_ptr(y, dtype, "y", 1) || check_positive(M, "M") || check_tile(N, K, gn, gk) ||
+        check_ptr(&x, dtype, 1) || check_ptr(&wq, CQ_I8, 1) ||
+        check_ptr(&ws, CQ_F32, 1) || check_ptr(&bias, dtype, 0) ||
+        check_ptr(&y, dtype, 1) || check_positive(M, "M") || check_tile(N, K, gn, gk) ||
         check_product(M, K, 4, "x") || check_product(M, N, 4, "y") ||
         check_device(st, device, "linear_int8"))
         return NULL;
     int status;
-    ctx_linear c = {&st->kernels, PTR(x), PTR(wq), PTR(ws), PTR(bias), PTR(y), M, N, K, 0, gn, gk, 0};
+    ctx_linear c = {&st->kernels, PTR(x.v), PTR(wq.v), PTR(ws.v), PTR(bias.v), PTR(y.v), M, N, K, 0, gn, gk,
+                    0};
     Py_BEGIN_ALLOW_THREADS
     if (device == DEV_CUDA)
-        status = st->cuda->linear_int8(c.x, dtype, c.packed, c.scale, PTR(bias), PTR(y), M, N, K, gn, gk,
-                                       STREAM(stream));
+        status = st->cuda->linear_int8(c.x, dtype, c.packed, c.scale, PTR(bias.v), PTR(y.v), M, N, K, gn, gk,
+                                       STREAM(stream.v));
     else
         status = cq_parallel_for(N, 4, nthreads, min_units(M * K), range_linear_int8, &c); /* 4: SIMD tile */
     Py_END_ALLOW_THREADS
@@ -492,23 +544,26 @@ static int range_dequantize_absmax(void *p, int64_t i0, int64_t i1) {
 /* dequantize_absmax(codes, nested, map, offset, absmax, G, device, stream, nthreads) */
 static PyObject *py_dequantize_absmax(PyObject *module, PyObject *args) {
     module_state *st = get_state(module);
-    unsigned long long codes, nested, map, absmax, stream;
+    arg_u64 codes = {"codes", 0}, nested = {"nested_absmax", 0}, map = {"quant_map", 0},
+            absmax = {"absmax", 0}, stream = {"stream", 0};
     double offset;
     long long G;
     int device, nthreads;
-    if (!PyArg_ParseTuple(args, "KKKdKLiKi", &codes, &nested, &map, &offset, &absmax, &G, &device,
-                          &stream, &nthreads))
+    if (!PyArg_ParseTuple(args, "O&O&O&dO&LiO&i", parse_u64, &codes, parse_u64, &nested, parse_u64,
+                          &map, &offset, parse_u64, &absmax, &G, &device, parse_u64, &stream,
+                          &nthreads))
         return NULL;
-    if (check_ptr(codes, CQ_U8, "codes", 1) || check_ptr(nested, CQ_F32, "nested_absmax", 1) ||
-        check_ptr(map, CQ_F32, "quant_map", 1) || check_ptr(absmax, CQ_F32, "absmax", 1) ||
+    if (check_ptr(&codes, CQ_U8, 1) || check_ptr(&nested, CQ_F32, 1) ||
+        check_ptr(&map, CQ_F32, 1) || check_ptr(&absmax, CQ_F32, 1) ||
         check_positive(G, "G") || check_product(G, 1, 4, "absmax") ||
         check_device(st, device, "dequantize_absmax"))
         return NULL;
     int status;
-    ctx_absmax c = {&st->kernels, PTR(codes), PTR(nested), PTR(map), (float)offset, PTR(absmax)};
+    ctx_absmax c = {&st->kernels, PTR(codes.v), PTR(nested.v), PTR(map.v), (float)offset, PTR(absmax.v)};
     Py_BEGIN_ALLOW_THREADS
     if (device == DEV_CUDA)
-        status = st->cuda->dequantize_absmax(c.codes, c.nested, c.map, c.offset, c.absmax, G, STREAM(stream));
+        status = st->cuda->dequantize_absmax(c.codes, c.nested, c.map, c.offset, c.absmax, G,
+                                             STREAM(stream.v));
     else
         status = cq_parallel_for(G, CQ_DQ_BLOCK, nthreads, MIN_ELEMS_PER_THREAD, range_dequantize_absmax, &c);
     Py_END_ALLOW_THREADS

@@ -3,6 +3,7 @@ detection, validation of bad input, and safetensors files in and out."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -322,6 +323,98 @@ def test_save_file_is_atomic_and_never_overwrites_input(tmp_path, monkeypatch):
     F.save_file(src, {"a": torch.zeros(3)}, overwrite=True)
     assert torch.equal(safetensors.torch.load_file(src)["a"], torch.zeros(3))
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+
+
+_real_st_save = safetensors.torch.save_file
+
+
+def _writes_then_races(race_path, race_content):
+    """A safetensors writer that, once the new file is written (after save_file checked the
+    destination, before it commits), lets another process create ``race_path``."""
+    def save(tensors, path, metadata=None):
+        _real_st_save(tensors, path, metadata=metadata)
+        with open(race_path, "xb") as f:
+            f.write(race_content)
+    return save
+
+
+def _no_temp_left(folder) -> bool:
+    return not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+
+
+def test_save_file_commits_by_link_and_never_replaces_a_racing_file(tmp_path, monkeypatch):
+    out = tmp_path / "out.safetensors"
+    real_link = os.link
+
+    def link_after_race(src, dst, *a, **k):  # the file appears in the last instant before the commit
+        with open(dst, "xb") as f:
+            f.write(b"theirs")
+        return real_link(src, dst, *a, **k)
+
+    def no_rename(*a):
+        raise AssertionError("a new file must not be committed by rename")
+
+    monkeypatch.setattr(os, "link", link_after_race)
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(FileExistsError, match="appeared while") as err:
+        F.save_file(out, {"a": torch.ones(3)})
+    assert str(out) in str(err.value)
+    assert out.read_bytes() == b"theirs" and _no_temp_left(tmp_path)
+    # Created during the write (after the first check): also left alone.
+    monkeypatch.setattr(os, "link", real_link)
+    racing = tmp_path / "racing.safetensors"
+    monkeypatch.setattr(safetensors.torch, "save_file", _writes_then_races(racing, b"theirs too"))
+    with pytest.raises(FileExistsError, match="racing.safetensors"):
+        F.save_file(racing, {"a": torch.ones(3)})
+    assert racing.read_bytes() == b"theirs too" and _no_temp_left(tmp_path)
+    # No race: the whole file under the name, one link, no temp file.
+    monkeypatch.setattr(safetensors.torch, "save_file", _real_st_save)
+    new = tmp_path / "new.safetensors"
+    F.save_file(new, {"a": torch.arange(5.0)}, {"k": "v"})
+    assert torch.equal(safetensors.torch.load_file(new)["a"], torch.arange(5.0))
+    assert os.stat(new).st_nlink == 1 and _no_temp_left(tmp_path)
+
+
+@pytest.mark.parametrize("hard_links", ["EPERM", "EXDEV", "missing"])
+def test_save_file_falls_back_to_rename_without_hard_links(tmp_path, monkeypatch, hard_links):
+    if hard_links == "missing":
+        monkeypatch.delattr(os, "link")
+    else:
+        code = {"EPERM": errno.EPERM, "EXDEV": errno.EXDEV}[hard_links]
+
+        def no_link(src, dst, *a, **k):  # FAT, some network or FUSE filesystems
+            raise OSError(code, os.strerror(code), src, None, dst)
+        monkeypatch.setattr(os, "link", no_link)
+    new = tmp_path / "new.safetensors"
+    F.save_file(new, {"a": torch.arange(5.0)})
+    assert torch.equal(safetensors.torch.load_file(new)["a"], torch.arange(5.0))
+    assert sorted(os.listdir(tmp_path)) == ["new.safetensors"]
+    with pytest.raises(FileExistsError, match="new.safetensors"):
+        F.save_file(new, {"a": torch.ones(1)})
+    # A file created during the write is still seen at commit and left alone.
+    late = tmp_path / "late.safetensors"
+    monkeypatch.setattr(safetensors.torch, "save_file", _writes_then_races(late, b"late"))
+    with pytest.raises(FileExistsError, match="late.safetensors") as err:
+        F.save_file(late, {"a": torch.ones(3)})
+    assert str(late) in str(err.value) and late.read_bytes() == b"late"
+    assert sorted(os.listdir(tmp_path)) == ["late.safetensors", "new.safetensors"]
+    monkeypatch.setattr(safetensors.torch, "save_file", _real_st_save)
+    F.save_file(new, {"a": torch.zeros(2)}, overwrite=True)
+    assert torch.equal(safetensors.torch.load_file(new)["a"], torch.zeros(2))
+
+
+def test_atomic_output_refuses_an_input_linked_in_while_writing(tmp_path):
+    src = tmp_path / "in.safetensors"
+    F.save_file(src, {"a": torch.ones(3)})
+    before = src.read_bytes()
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(ValueError, match="input file"):
+        with F.atomic_output(out, overwrite=True, inputs=[src]) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"new content")
+            os.link(src, out)  # the output name now points at the input
+    assert src.read_bytes() == before and out.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "out.safetensors"]
 
 
 def test_save_file_shared_and_strided_tensors(tmp_path):

@@ -54,7 +54,7 @@ BAD_OPS = [
     (lambda: ops.linear_int8(torch.randn(3, 96).to(torch.float64), *_int8_weight(), "int8_lode", 32), TypeError,
      r"x: expected dtype"),
     (lambda: ops.linear_int8(torch.randn(3, 96, device="meta"), *_int8_weight(), "int8_lode", 32), ValueError,
-     r"x: expected device cpu, got meta"),
+     r"linear_int8: expected all tensors on one device, got x on meta, qweight on cpu, weight_scale on cpu"),
     (lambda: ops.quantize_int8_act(torch.randn(3, 8), -1), ValueError, r"group_k: expected a positive int, got -1"),
     (lambda: ops.quantize_4bit(torch.randn(64), "nf5", 64), ValueError, r"codebook: expected 'nf4' or 'fp4'"),
     (lambda: ops.quantize_4bit(torch.randn(64), "nf4", 100), ValueError, r"group_size for nf4 must be a power of two"),
@@ -80,6 +80,42 @@ def test_ops_nonfinite_weight_names_the_tensor(layout):
     for backend in ("cpu", "reference") if C is not None else ("reference",):
         with ops.use_backend(backend), pytest.raises(ValueError, match=r"cannot quantize weight of shape \(8, 64\).*NaN or Inf"):
             ops.quantize_int8(w, layout, g)
+
+
+def _mixed_device_calls(other: str):
+    """(op, call with one tensor moved to ``other``, that tensor's name, another tensor's
+    name) for every op that takes several tensors."""
+    packed, absmax = ops.quantize_4bit(torch.randn(8, 64), "nf4", 64)
+    q, s = _int8_weight()
+    codes, nested, qmap, offset = ops.quantize_absmax_nested(torch.rand(300))
+    x4, x8, b = torch.randn(3, 64), torch.randn(3, 96), torch.randn(24)
+    o = lambda t: t.to(other)  # noqa: E731
+    return [
+        ("dequantize_4bit", lambda: ops.dequantize_4bit(packed, o(absmax), "nf4", 64, (8, 64)), "absmax", "packed"),
+        ("linear_4bit", lambda: ops.linear_4bit(o(x4), packed, absmax, "nf4", 64, (8, 64)), "x", "packed"),
+        ("linear_4bit", lambda: ops.linear_4bit(x4, packed, absmax, "nf4", 64, (8, 64), o(torch.randn(8))),
+         "bias", "absmax"),
+        ("dequantize_int8", lambda: ops.dequantize_int8(q, o(s), "int8_lode", 32), "weight_scale", "qweight"),
+        ("linear_int8", lambda: ops.linear_int8(x8, o(q), s, "int8_lode", 32, b), "qweight", "x"),
+        ("linear_int8", lambda: ops.linear_int8(x8, q, s, "int8_lode", 32, o(b), act_quant=False),
+         "bias", "weight_scale"),
+        ("dequantize_absmax_nested", lambda: ops.dequantize_absmax_nested(codes, nested, o(qmap), offset),
+         "nested_quant_map", "nested_absmax"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_ops_refuse_tensors_on_different_devices(backend):
+    """Every op with several tensors names each tensor and its device when they differ
+    (a kernel given pointers of two devices would read the wrong memory)."""
+    if backend == "cpu" and C is None:
+        pytest.skip("native extension not built")
+    with ops.use_backend(backend):
+        for op, call, moved, kept in _mixed_device_calls("meta"):
+            with pytest.raises(ValueError, match=rf"^{op}: expected all tensors on one device, got .*") as err:
+                call()
+            msg = str(err.value)
+            assert f"{moved} on meta" in msg and f"{kept} on cpu" in msg, msg
 
 
 def test_custom_ops_raise_the_same_errors():
@@ -198,6 +234,55 @@ def test_c_bad_arguments_raise(case):
         args[i] = v
     with pytest.raises(exc, match=pattern):
         getattr(C, name)(*args)
+
+
+# Pointer and stream arguments of every entry point: position -> name in the messages.
+POINTERS = {
+    "quantize_4bit": {0: "x", 2: "packed", 3: "absmax", 8: "stream"},
+    "dequantize_4bit": {0: "packed", 1: "absmax", 2: "y", 8: "stream"},
+    "linear_4bit": {0: "x", 2: "packed", 3: "absmax", 4: "bias", 5: "y", 12: "stream"},
+    "quantize_int8": {0: "x", 2: "q", 3: "scale", 9: "stream"},
+    "dequantize_int8": {0: "q", 1: "scale", 2: "y", 9: "stream"},
+    "gemm_int8": {0: "xq", 1: "xs", 2: "wq", 3: "ws", 4: "bias", 5: "y", 14: "stream"},
+    "linear_int8": {0: "x", 2: "wq", 3: "ws", 4: "bias", 5: "y", 12: "stream"},
+    "dequantize_absmax": {0: "codes", 1: "nested_absmax", 2: "quant_map", 4: "absmax", 7: "stream"},
+}
+OPTIONAL = {"bias", "stream"}  # 0 means none / the default stream
+POINTER_ARGS = [(name, i, arg) for name, args in POINTERS.items() for i, arg in args.items()]
+
+
+@needs_c
+@pytest.mark.parametrize("name,i,arg", POINTER_ARGS, ids=[f"{n}-{a}" for n, _, a in POINTER_ARGS])
+def test_c_pointer_arguments_reject_negative_wide_and_null(name, i, arg):
+    """"K" parsing took -8 as 2**64 - 8 (a wild pointer for the kernel) and masked ints
+    wider than 64 bits; every pointer and stream argument now says which one is bad."""
+    b = Bufs()
+    valid = _c_calls(b)[name]
+    assert isinstance(valid[i], int) and not isinstance(valid[i], bool), f"{name}[{i}] is not a pointer slot"
+
+    def call(v):
+        args = list(valid)
+        args[i] = v
+        return getattr(C, name)(*args)
+
+    for v in (-1, -8, -(2**63), -(2**64) + 8):
+        with pytest.raises(ValueError, match=rf"^{arg}: a pointer cannot be negative, got {v}$"):
+            call(v)
+    for v in (2**64, 2**64 + valid[i], 2**200):
+        with pytest.raises(OverflowError, match=rf"^{arg}: pointer {v} does not fit"):
+            call(v)
+    for v in (True, 1.0, None, "0"):
+        with pytest.raises(TypeError, match=rf"^{arg}: a pointer must be an int"):
+            call(v)
+    if arg in OPTIONAL:
+        assert call(0) is None
+    else:
+        with pytest.raises(ValueError, match=rf"^{arg}: null data pointer$"):
+            call(0)
+    assert call(valid[i]) is None
+    # The table names every required pointer of the entry point (the valid call's addresses).
+    required = {j for j, a in POINTERS[name].items() if a not in OPTIONAL}
+    assert required == {j for j, v in enumerate(valid) if isinstance(v, int) and v > 2**20}
 
 
 @needs_c

@@ -4,12 +4,14 @@
     probe_file(path) -> Probe                           (keys, header and JSON tensors only)
     save_file(path, tensors, metadata=None, overwrite=False, inputs=())
     atomic_output(path, overwrite=False, inputs=())     context manager: a temp path to
-                                                        write, renamed over ``path`` on success
+                                                        write, named ``path`` on success
 
-Writing goes to a temporary file in the destination folder, is fsynced, then renamed
-(atomic on POSIX and Windows): ``path`` holds either its old content or the whole new
-file, never a partial one, even on an error or KeyboardInterrupt. A path that is one of
-``inputs`` (the files being converted) is refused even with ``overwrite``.
+Writing goes to a temporary file in the destination folder, is fsynced, then committed
+atomically: ``path`` holds either its old content or the whole new file, never a partial
+one, even on an error or KeyboardInterrupt. Without ``overwrite`` the commit is a hard
+link, which fails if ``path`` appeared meanwhile (a rename would replace it); with it, a
+rename. A path that is one of ``inputs`` (the files being converted) is refused even with
+``overwrite``.
 """
 
 from __future__ import annotations
@@ -101,17 +103,46 @@ def _new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def _refuse_inputs(path: str, inputs: list) -> None:
+    for src in inputs:
+        if os.path.lexists(path) and _same_file(src, path):
+            raise ValueError(f"refusing to overwrite the input file {src}")
+
+
+def _exists_error(path: str, detail: str) -> FileExistsError:
+    return FileExistsError(f"{path} {detail} (pass overwrite=True to replace it)")
+
+
+def _commit_new(tmp: str, path: str) -> None:
+    """Give ``tmp`` the name ``path`` only if no file has that name, atomically: a hard
+    link fails with EEXIST whatever appeared since the caller looked (a check followed by
+    a rename would replace it). Where the filesystem has no hard links, fall back to check
+    + rename, which leaves a short window for a file created by someone else."""
+    link = getattr(os, "link", None)
+    try:
+        if link is None:
+            raise OSError("no os.link on this platform")
+        link(tmp, path)
+    except FileExistsError:
+        raise _exists_error(path, "appeared while the new file was being written; left it alone") from None
+    except OSError:  # hard links unsupported here (FAT, some network or FUSE filesystems)
+        if os.path.lexists(path):
+            raise _exists_error(path, "exists") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 @contextmanager
 def atomic_output(path, *, overwrite: bool = False, inputs: Iterable = ()):
-    """Yield a temporary path beside ``path``; on a clean exit fsync it and rename it to
-    ``path``, on any exception (KeyboardInterrupt included) delete it and re-raise."""
+    """Yield a temporary path beside ``path``; on a clean exit fsync it and give it the name
+    ``path`` (without ``overwrite``: only if that name is still free, see _commit_new), on
+    any exception (KeyboardInterrupt included) delete it and re-raise."""
     path = os.path.abspath(os.fspath(path))
-    for src in inputs:
-        src = os.fspath(src)
-        if os.path.exists(path) and _same_file(src, path):
-            raise ValueError(f"refusing to overwrite the input file {src}")
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+    inputs = [os.fspath(src) for src in inputs]
+    _refuse_inputs(path, inputs)
+    if os.path.lexists(path) and not overwrite:
+        raise _exists_error(path, "exists")
     folder = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
@@ -120,7 +151,11 @@ def atomic_output(path, *, overwrite: bool = False, inputs: Iterable = ()):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
+        if overwrite:
+            _refuse_inputs(path, inputs)  # again: the name may have been pointed at an input meanwhile
+            os.replace(tmp, path)
+        else:
+            _commit_new(tmp, path)
         _fsync_dir(folder)
     except BaseException:
         try:
