@@ -443,16 +443,8 @@ def test_ops_run_on_the_tensors_device_not_the_current_one():
             assert torch.cuda.current_device() == 0, dev
 
 
-# csrc/cuda/gemm_int8.cu run_mma80 raises the kernel's dynamic shared-memory limit
-# (cudaFuncSetAttribute, which applies to the current device only) once per process, so
-# on a second device the launch fails with cudaErrorInvalidValue (seen on 2 x H200).
-MMA80_ONCE_PER_PROCESS = pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "gemm_int8.cu sets the sm80 kernel's shared-memory attribute once per process, not per device"))
-
-
 @needs_two_gpus
-@pytest.mark.parametrize("path", [pytest.param(p, marks=MMA80_ONCE_PER_PROCESS) if p == "mma80" else p
-                                  for p in GEMM_PATHS])
+@pytest.mark.parametrize("path", list(GEMM_PATHS))
 def test_w8a8_runs_on_the_tensors_device_not_the_current_one(path):
     """W8A8 linear (activation quantization + GEMM) on cuda:0, then on cuda:1 while cuda:0
     is current, for each GEMM kernel."""
