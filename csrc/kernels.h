@@ -7,7 +7,7 @@
  * counts are int64_t. Each returns a cq_status and never touches Python.
  *
  * Variants: *_ref (portable scalar C, canonical, always built), *_avx2, *_avx512,
- * *_avx512vnni.
+ * *_avx512vnni, *_avx512bf16.
  * A variant that is not compiled for this machine is NULL in its table and the
  * reference fills in. Quantize and dequantize variants are bit-identical to *_ref;
  * linear variants agree to float32 rounding (summation order differs).
@@ -49,6 +49,18 @@ typedef int (*cq_linear_4bit_fn)(const float *CQ_RESTRICT x, const uint8_t *CQ_R
                                  float *CQ_RESTRICT y,
                                  int64_t M, int64_t N, int64_t K, int64_t group, int codebook,
                                  int64_t n0, int64_t n1);
+
+/* Fused 4-bit linear for bfloat16 activations, output columns [n0, n1): y[M, N] (bf16) =
+ * x[M, K] (bf16) W^T (+ bias, float32, may be NULL), each weight rounded to bf16 as
+ * dequantize_4bit writes it, float32 accumulation, y rounded once (RNE). Only level
+ * avx512bf16 has one (vdpbf16ps); it is NULL below, and ops.py then runs linear_4bit on
+ * float32 x. Results never depend on the chunking; [n0, n1) on multiples of 32 keeps
+ * its panels whole. */
+typedef int (*cq_linear_4bit_bf16_fn)(const uint16_t *CQ_RESTRICT x, const uint8_t *CQ_RESTRICT packed,
+                                      const float *CQ_RESTRICT absmax, const float *bias,
+                                      uint16_t *CQ_RESTRICT y,
+                                      int64_t M, int64_t N, int64_t K, int64_t group, int codebook,
+                                      int64_t n0, int64_t n1);
 
 /* int8 quantize over tiles of gn x gk, tile rows [r0, r1) (units of gn rows):
  * x [N, K] -> q int8 [N, K], scale [ceil(N/gn), ceil(K/gk)]. Serves weights
@@ -94,6 +106,7 @@ typedef struct cq_cpu_kernels {
     cq_quantize_4bit_fn quantize_4bit;
     cq_dequantize_4bit_fn dequantize_4bit;
     cq_linear_4bit_fn linear_4bit;
+    cq_linear_4bit_bf16_fn linear_4bit_bf16;
     cq_quantize_int8_fn quantize_int8;
     cq_dequantize_int8_fn dequantize_int8;
     cq_gemm_int8_fn gemm_int8;
@@ -102,18 +115,25 @@ typedef struct cq_cpu_kernels {
 } cq_cpu_kernels;
 
 /* Tables of each family; an entry is NULL where the variant has no own version. */
-extern const cq_cpu_kernels cq_nf4_fp4_ref, cq_nf4_fp4_avx2, cq_nf4_fp4_avx512;
+extern const cq_cpu_kernels cq_nf4_fp4_ref, cq_nf4_fp4_avx2, cq_nf4_fp4_avx512, cq_nf4_fp4_avx512bf16;
 extern const cq_cpu_kernels cq_int8_ref, cq_int8_avx2, cq_int8_avx512, cq_int8_avx512vnni;
 
 /* Level names in increasing order; cq_cpu_level_supported() says what this CPU runs.
- * avx512vnni is avx512 plus VNNI (vpdpbusd), which only the int8 GEMM uses. */
+ * avx512vnni is avx512 plus VNNI (vpdpbusd), which only the int8 GEMM uses.
+ * avx512bf16 is avx512vnni plus AVX512-BF16 (vdpbf16ps), which only linear_4bit_bf16
+ * uses. A level rather than a separate flag: every CPU with AVX512-BF16 (Cooper Lake,
+ * Sapphire Rapids and later, Zen 4 and later) also has VNNI, so the ladder stays linear,
+ * COMFY_QUANT_CPU / set_cpu_level stay the one knob, and forcing avx512vnni on such a
+ * CPU runs (and tests) the float32 fallback. */
 enum cq_cpu_level {
     CQ_CPU_REF = 0,
     CQ_CPU_AVX2 = 1,
     CQ_CPU_AVX512 = 2,
     CQ_CPU_AVX512_VNNI = 3,
-    CQ_CPU_LEVELS = 4
+    CQ_CPU_AVX512_BF16 = 4,
+    CQ_CPU_LEVELS = 5
 };
+extern const char *const cq_cpu_level_names[CQ_CPU_LEVELS]; /* "ref", ..., "avx512bf16" */
 int cq_cpu_level_supported(int level);
 /* Fill *out with the kernels of `level`, each NULL entry taken from the next lower level. */
 void cq_cpu_kernels_for_level(int level, cq_cpu_kernels *out);

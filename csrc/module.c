@@ -40,7 +40,8 @@ typedef struct {
 
 static module_state *get_state(PyObject *module) { return (module_state *)PyModule_GetState(module); }
 
-static const char *const level_names[CQ_CPU_LEVELS] = {"ref", "avx2", "avx512", "avx512vnni"};
+#define level_names cq_cpu_level_names
+#define LEVEL_LIST "ref, avx2, avx512, avx512vnni, avx512bf16"
 
 static void set_level(module_state *st, int level) {
     cq_cpu_kernels_for_level(level, &st->kernels);
@@ -307,7 +308,7 @@ typedef struct {
     const void *packed; /* uint8 (4-bit) or int8 (int8) weight */
     const float *scale; /* absmax or int8 scales */
     const float *bias;
-    float *y;
+    void *y;
     int64_t M, N, K, group, gn, gk;
     int codebook;
 } ctx_linear;
@@ -318,8 +319,26 @@ static int range_linear_4bit(void *p, int64_t n0, int64_t n1) {
                              c->codebook, n0, n1);
 }
 
+static int range_linear_4bit_bf16(void *p, int64_t n0, int64_t n1) {
+    ctx_linear *c = p;
+    return c->k->linear_4bit_bf16(c->x, c->packed, c->scale, c->bias, c->y, c->M, c->N, c->K,
+                                  c->group, c->codebook, n0, n1);
+}
+
+/* CPU linear_4bit: float32 x and y, or bfloat16 where the level has linear_4bit_bf16. */
+static int check_cpu_linear_4bit_dtype(module_state *st, int device, int dtype) {
+    if (device != DEV_CPU || dtype == CQ_F32 || (dtype == CQ_BF16 && st->kernels.linear_4bit_bf16))
+        return 0;
+    PyErr_Format(PyExc_ValueError,
+                 "x: the CPU kernel takes float32 (code %d), or bfloat16 (code %d) at CPU level "
+                 "avx512bf16; got code %d at level %s",
+                 CQ_F32, CQ_BF16, dtype, level_names[st->cpu_level]);
+    return -1;
+}
+
 /* linear_4bit(x, dtype, packed, absmax, bias, y, M, N, K, group, codebook, device, stream, nthreads)
- * bias may be 0. CPU: dtype must be float32. */
+ * bias may be 0. CUDA: x, bias and y in dtype. CPU: x and y float32, or bfloat16 where
+ * cpu_kernels()["linear_4bit_bf16"] is set; bias float32. */
 static PyObject *py_linear_4bit(PyObject *module, PyObject *args) {
     module_state *st = get_state(module);
     arg_u64 x = {"x", 0}, packed = {"packed", 0}, absmax = {"absmax", 0}, bias = {"bias", 0},
@@ -330,9 +349,9 @@ static PyObject *py_linear_4bit(PyObject *module, PyObject *args) {
                           parse_u64, &absmax, parse_u64, &bias, parse_u64, &y, &M, &N, &K, &group,
                           &codebook, &device, parse_u64, &stream, &nthreads))
         return NULL;
-    if (check_float_dtype(dtype, "x") || check_cpu_f32(device, dtype, "x") ||
+    if (check_float_dtype(dtype, "x") || check_cpu_linear_4bit_dtype(st, device, dtype) ||
         check_ptr(&x, dtype, 1) || check_ptr(&packed, CQ_U8, 1) ||
-        check_ptr(&absmax, CQ_F32, 1) || check_ptr(&bias, dtype, 0) ||
+        check_ptr(&absmax, CQ_F32, 1) || check_ptr(&bias, device == DEV_CPU ? CQ_F32 : dtype, 0) ||
         check_ptr(&y, dtype, 1) || check_positive(M, "M") || check_positive(N, "N") ||
         check_positive(K, "K") || check_product(M, K, 4, "x") || check_product(N, K, 1, "weight") ||
         check_product(M, N, 4, "y") || check_group_4bit(group) || check_codebook(codebook) ||
@@ -345,6 +364,8 @@ static PyObject *py_linear_4bit(PyObject *module, PyObject *args) {
     if (device == DEV_CUDA)
         status = st->cuda->linear_4bit(c.x, dtype, c.packed, c.scale, PTR(bias.v), PTR(y.v), M, N, K, group,
                                        codebook, STREAM(stream.v));
+    else if (dtype == CQ_BF16) /* chunks on multiples of the kernel's 32-column panels */
+        status = cq_parallel_for(N, 32, nthreads, min_units(M * K), range_linear_4bit_bf16, &c);
     else
         status = cq_parallel_for(N, 1, nthreads, min_units(M * K), range_linear_4bit, &c);
     Py_END_ALLOW_THREADS
@@ -596,6 +617,44 @@ static PyObject *py_cpu_level(PyObject *module, PyObject *unused) {
     return PyUnicode_FromString(level_names[get_state(module)->cpu_level]);
 }
 
+/* cpu_kernels(): {entry: the level whose kernel serves it now, or None where no level up
+ * to the current one has one (linear_4bit_bf16 below avx512bf16)}. */
+static PyObject *py_cpu_kernels(PyObject *module, PyObject *unused) {
+    (void)unused;
+    module_state *st = get_state(module);
+    cq_cpu_kernels lv[CQ_CPU_LEVELS];
+    for (int l = 0; l <= st->cpu_level; l++)
+        cq_cpu_kernels_for_level(l, &lv[l]);
+#define ENTRY(f) {#f, offsetof(cq_cpu_kernels, f)}
+    static const struct {
+        const char *name;
+        size_t offset;
+    } entries[] = {ENTRY(quantize_4bit), ENTRY(dequantize_4bit), ENTRY(linear_4bit),
+                   ENTRY(linear_4bit_bf16), ENTRY(quantize_int8), ENTRY(dequantize_int8),
+                   ENTRY(gemm_int8), ENTRY(linear_int8), ENTRY(dequantize_absmax)};
+#undef ENTRY
+    PyObject *d = PyDict_New();
+    if (!d)
+        return NULL;
+    for (size_t i = 0; i < sizeof(entries) / sizeof(entries[0]); i++) {
+        void *const *cur = (void *const *)((const char *)&st->kernels + entries[i].offset);
+        int from = -1; /* the lowest level that already has the current pointer */
+        for (int l = 0; l <= st->cpu_level && *cur; l++)
+            if (*(void *const *)((const char *)&lv[l] + entries[i].offset) == *cur) {
+                from = l;
+                break;
+            }
+        PyObject *v = from < 0 ? Py_NewRef(Py_None) : PyUnicode_FromString(level_names[from]);
+        if (!v || PyDict_SetItemString(d, entries[i].name, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
 static int level_from_name(const char *name) {
     for (int i = 0; i < CQ_CPU_LEVELS; i++)
         if (strcmp(name, level_names[i]) == 0)
@@ -603,14 +662,14 @@ static int level_from_name(const char *name) {
     return -1;
 }
 
-/* set_cpu_level(name): force a SIMD level ("ref", "avx2", "avx512", "avx512vnni") for tests. */
+/* set_cpu_level(name): force a SIMD level (one of LEVEL_LIST) for tests. */
 static PyObject *py_set_cpu_level(PyObject *module, PyObject *args) {
     const char *name;
     if (!PyArg_ParseTuple(args, "s", &name))
         return NULL;
     int level = level_from_name(name);
     if (level < 0)
-        return PyErr_Format(PyExc_ValueError, "unknown CPU level %R; known: ref, avx2, avx512, avx512vnni",
+        return PyErr_Format(PyExc_ValueError, "unknown CPU level %R; known: " LEVEL_LIST,
                             PyTuple_GetItem(args, 0));
     if (!cq_cpu_level_supported(level))
         return PyErr_Format(PyExc_ValueError, "this CPU does not support level %s", name);
@@ -686,6 +745,7 @@ static PyMethodDef module_methods[] = {
     {"dequantize_absmax", py_dequantize_absmax, METH_VARARGS, "bitsandbytes nested absmax."},
     {"cpu_levels", py_cpu_levels, METH_NOARGS, "SIMD levels this CPU runs."},
     {"cpu_level", py_cpu_level, METH_NOARGS, "The SIMD level in use."},
+    {"cpu_kernels", py_cpu_kernels, METH_NOARGS, "Which level serves each kernel entry now."},
     {"set_cpu_level", py_set_cpu_level, METH_VARARGS, "Force a SIMD level (tests)."},
     {"load_cuda", py_load_cuda, METH_VARARGS, "Load the CUDA kernels shared object."},
     {"cuda_loaded", py_cuda_loaded, METH_NOARGS, "Whether the CUDA kernels are loaded."},
@@ -703,7 +763,7 @@ static int module_exec(PyObject *module) {
         int f = level_from_name(forced);
         if (f < 0 || !cq_cpu_level_supported(f)) {
             PyErr_Format(PyExc_ImportError,
-                         "COMFY_QUANT_CPU=%s is not a level this CPU runs (ref, avx2, avx512, avx512vnni)", forced);
+                         "COMFY_QUANT_CPU=%s is not a level this CPU runs (" LEVEL_LIST ")", forced);
             return -1;
         }
         level = f;

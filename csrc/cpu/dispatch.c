@@ -3,6 +3,21 @@
  * attributes and chosen here at run time from the CPU's features. */
 #include "../kernels.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+
+/* AVX512-BF16: CPUID leaf 7 subleaf 1, EAX bit 5. Read directly: older compilers'
+ * __builtin_cpu_supports does not know the name. The OS's saving of zmm state is
+ * already checked by the avx512 level below it (libgcc tests XCR0 for avx512f). */
+static int cpu_has_avx512bf16(void) {
+    unsigned int eax, ebx, ecx, edx;
+    if (__get_cpuid_max(0, NULL) < 7)
+        return 0;
+    __cpuid_count(7, 1, eax, ebx, ecx, edx);
+    return (eax >> 5) & 1u;
+}
+#endif
+
 int cq_cpu_level_supported(int level) {
     switch (level) {
     case CQ_CPU_REF:
@@ -19,11 +34,16 @@ int cq_cpu_level_supported(int level) {
     case CQ_CPU_AVX512_VNNI:
         __builtin_cpu_init();
         return cq_cpu_level_supported(CQ_CPU_AVX512) && __builtin_cpu_supports("avx512vnni");
+    case CQ_CPU_AVX512_BF16:
+        return cq_cpu_level_supported(CQ_CPU_AVX512_VNNI) && cpu_has_avx512bf16();
 #endif
     default:
         return 0;
     }
 }
+
+const char *const cq_cpu_level_names[CQ_CPU_LEVELS] = {"ref", "avx2", "avx512", "avx512vnni",
+                                                        "avx512bf16"};
 
 /* Overlay the non-NULL entries of `t` (if any) on `out`. */
 static void overlay(cq_cpu_kernels *out, const cq_cpu_kernels *t) {
@@ -35,6 +55,7 @@ static void overlay(cq_cpu_kernels *out, const cq_cpu_kernels *t) {
     TAKE(quantize_4bit);
     TAKE(dequantize_4bit);
     TAKE(linear_4bit);
+    TAKE(linear_4bit_bf16);
     TAKE(quantize_int8);
     TAKE(dequantize_int8);
     TAKE(gemm_int8);
@@ -49,11 +70,11 @@ void cq_cpu_kernels_for_level(int level, cq_cpu_kernels *out) {
         {&cq_nf4_fp4_avx2, &cq_int8_avx2},
         {&cq_nf4_fp4_avx512, &cq_int8_avx512},
         {NULL, &cq_int8_avx512vnni}, /* VNNI serves only the int8 GEMM */
+        {&cq_nf4_fp4_avx512bf16, NULL}, /* BF16 serves only linear_4bit_bf16 */
     };
-    static const char *const names[CQ_CPU_LEVELS] = {"ref", "avx2", "avx512", "avx512vnni"};
     *out = (cq_cpu_kernels){0};
     for (int l = 0; l <= level && l < CQ_CPU_LEVELS; l++)
         for (int f = 0; f < 2; f++)
             overlay(out, families[l][f]);
-    out->name = names[level < CQ_CPU_LEVELS ? level : CQ_CPU_LEVELS - 1];
+    out->name = cq_cpu_level_names[level < CQ_CPU_LEVELS ? level : CQ_CPU_LEVELS - 1];
 }
