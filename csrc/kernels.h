@@ -120,9 +120,10 @@ extern const cq_cpu_kernels cq_int8_ref, cq_int8_avx2, cq_int8_avx512, cq_int8_a
 
 /* Level names in increasing order; cq_cpu_level_supported() says what this CPU runs.
  * avx512vnni is avx512 plus VNNI (vpdpbusd), which only the int8 GEMM uses.
- * avx512bf16 is avx512vnni plus AVX512-BF16 (vdpbf16ps), which only linear_4bit_bf16
- * uses. A level rather than a separate flag: every CPU with AVX512-BF16 (Cooper Lake,
- * Sapphire Rapids and later, Zen 4 and later) also has VNNI, so the ladder stays linear,
+ * avx512bf16 is avx512vnni plus AVX512-BF16 (vdpbf16ps) and VBMI (vpmultishiftqb), which
+ * only linear_4bit_bf16 uses. A level rather than a separate flag: every CPU with
+ * AVX512-BF16 also has VNNI (and all but Cooper Lake, which stays at avx512vnni, VBMI:
+ * Sapphire Rapids and later, Zen 4 and later), so the ladder stays linear,
  * COMFY_QUANT_CPU / set_cpu_level stay the one knob, and forcing avx512vnni on such a
  * CPU runs (and tests) the float32 fallback. */
 enum cq_cpu_level {

@@ -35,7 +35,9 @@ int cq_cpu_level_supported(int level) {
         __builtin_cpu_init();
         return cq_cpu_level_supported(CQ_CPU_AVX512) && __builtin_cpu_supports("avx512vnni");
     case CQ_CPU_AVX512_BF16:
-        return cq_cpu_level_supported(CQ_CPU_AVX512_VNNI) && cpu_has_avx512bf16();
+        /* the 4-bit decoder also uses VBMI's vpmultishiftqb (nf4_fp4_bf16.c) */
+        return cq_cpu_level_supported(CQ_CPU_AVX512_VNNI) && cpu_has_avx512bf16() &&
+               __builtin_cpu_supports("avx512vbmi");
 #endif
     default:
         return 0;

@@ -1,6 +1,7 @@
 /* nf4_fp4_bf16.c: the 4-bit linear for bfloat16 activations with AVX512-BF16
- * (vdpbf16ps), level avx512bf16 (contract: kernels.h, cq_linear_4bit_bf16_fn; layout:
- * formats.h). Other levels have no such kernel and ops.py runs linear_4bit on float32 x.
+ * (vdpbf16ps) and VBMI (vpmultishiftqb), level avx512bf16 (contract: kernels.h,
+ * cq_linear_4bit_bf16_fn; layout: formats.h). Other levels have no such kernel and
+ * ops.py runs linear_4bit on float32 x.
  *
  * Semantics: each weight is table[code] * absmax in float32 rounded to bfloat16 (RNE),
  * exactly what dequantize_4bit writes for a bf16 output; x . w in float32 by vdpbf16ps
@@ -10,15 +11,17 @@
  * rounding; the summation order is fixed by M alone (never by the thread chunking).
  *
  * Decoding: the flattened weight is read in chunks of 32 codes (16 bytes) aligned to the
- * flat index; group sizes are multiples of 32, so a chunk lies in one group. One vpermw
- * on the group's 16 bf16 values (held twice: vpermw reads 5 index bits) turns a chunk
- * into a zmm of 32 bf16 weights in k order, i.e. the 16 (k, k+1) pairs vdpbf16ps wants.
+ * flat index; group sizes are multiples of 32, so a chunk lies in one group. The codes
+ * are spread to words (vpmovzxwq + vpmultishiftqb), then one vpermw on the group's 16
+ * bf16 values (held twice: vpermw reads 5 index bits) turns a chunk into a zmm of 32
+ * bf16 weights in k order, i.e. the 16 (k, k+1) pairs vdpbf16ps wants.
  * A row that starts or ends inside a chunk (K not a multiple of 32, odd K, a group
  * straddling rows) masks the lanes outside it, in the weights and in x.
  *
  * Two shapes of work, by the number of rows M:
  * - M < GEMM_MIN_M: per output column, chunks go straight from the codes into
- *   vdpbf16ps against up to GEMV_MR rows of x, two accumulators a row (GEMV).
+ *   vdpbf16ps against up to GEMV_MR rows of x, four accumulators a row (GEMV); codes
+ *   are prefetched ahead of the decoder.
  * - else: a panel of PANEL_N columns x PANEL_K k is decoded once into scratch, its
  *   rows transposed to k-pair-major order (one dword = the (k, k+1) pair of one
  *   column), and an outer-product micro-kernel broadcasts x's (k, k+1) pairs against
@@ -37,7 +40,7 @@
                             (defined(__clang__) && __clang_major__ >= 9))
 #include <immintrin.h>
 
-#define CQ_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define CQ_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")))
 #define CQ_INLINE static inline __attribute__((always_inline))
 #define AS_BH(v) ((__m512bh)(v))
 
@@ -45,6 +48,9 @@
 #define GEMM_MIN_M 8 /* rows from which the decoded-panel GEMM beats the streaming GEMV */
 #endif
 #define GEMV_MR 4    /* GEMV: rows of x per pass over a column */
+#ifndef GEMV_PREFETCH
+#define GEMV_PREFETCH 2048 /* GEMV: bytes of codes fetched ahead of the decoder */
+#endif
 #define GEMM_MR 12   /* GEMM micro-tile rows: 12 x 2 accumulators + 2 weights + 1 broadcast */
 #define PANEL_N 32   /* GEMM panel columns: two zmm of float32 lanes */
 #define PANEL_K 256  /* GEMM panel k: 256 x 32 bf16 = 16 KiB, with the row scratch in L1 */
@@ -77,12 +83,14 @@ CQ_INLINE CQ_BF16 __m256i f32_to_bf16(__m512 v) {
     return _mm512_cvtepi32_epi16(_mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
 }
 
-/* vpermw indices of the 32 codes of 16 packed bytes, in element order: the low word of
- * dword j is b >> 4 (element 2j), the high word b, whose low nibble is element 2j+1 (bit
- * 4 picks the second copy of the table). */
+/* vpermw indices of the 32 codes of 16 packed bytes, in element order. vpermw reads the
+ * low 5 bits of each word, so a word only needs the code in its low nibble (bit 4 picks
+ * the table's second copy). Each qword takes two bytes b0 b1 (vpmovzxwq) and one
+ * vpmultishiftqb puts bits 4-11 (b0's high nibble: element 0), 0-7 (b0: element 1),
+ * 12-19 (b1's high nibble: element 2) and 8-15 (b1: element 3) in its four words. */
 CQ_INLINE CQ_BF16 __m512i codes_from_bytes(__m128i b) {
-    __m512i d = _mm512_cvtepu8_epi32(b);
-    return _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(d, 16));
+    const __m512i shifts = _mm512_set1_epi64(0x0008000C00000004ll); /* bytes 0, 2, 4, 6: 4, 0, 12, 8 */
+    return _mm512_multishift_epi64_epi8(shifts, _mm512_cvtepu16_epi64(b));
 }
 
 /* Codes of chunk c (flat elements [32c, 32c + 32)); the weight's last chunk may have
@@ -152,6 +160,8 @@ CQ_INLINE CQ_BF16 void gemv_column(const uint16_t *x, const uint8_t *packed, con
     const uint8_t *pc = packed + 16 * c;
     const uint16_t *xc = xr + (32 * c - s);
     for (; c + 4 <= c_last; c += 4, pc += 64, xc += 128) {
+        _mm_prefetch((const char *)pc + GEMV_PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(absmax + gcur) + GEMV_PREFETCH / 8, _MM_HINT_T0);
         __m512i w[4];
         for (int i = 0; i < 4; i++) {
             TAB(c + i);
@@ -226,16 +236,26 @@ static CQ_BF16 void decode_panel(const uint8_t *packed, const float *absmax, __m
             _mm_prefetch(q + 127, _MM_HINT_T0);
             _mm_prefetch((const char *)(absmax + (next >> (cshift + 5))), _MM_HINT_T0);
         }
-        int64_t g = -1;
-        __m512i tab = _mm512_setzero_si512();
-        for (int64_t c = s / 32; c * 32 < e; c++) {
+        /* first and last chunk masked to [s, e); whole chunks between them as they are */
+        int64_t c = s / 32, g = c >> cshift;
+        const int64_t c_last = (e - 1) / 32;
+        __m512i tab = group_table(table, absmax[g]);
+        _mm512_mask_storeu_epi16((void *)at16(row, 32 * c - s), chunk_mask(c, s, e),
+                                 _mm512_permutexvar_epi16(chunk_codes(packed, c, nbytes), tab));
+        uint16_t *out = row + (32 * ++c - s);
+        for (const uint8_t *pc = packed + 16 * c; c < c_last; c++, pc += 16, out += 32) {
             if ((c >> cshift) != g) {
                 g = c >> cshift;
                 tab = group_table(table, absmax[g]);
             }
-            __mmask32 mask = chunk_mask(c, s, e);
-            __m512i w = _mm512_permutexvar_epi16(chunk_codes(packed, c, nbytes), tab);
-            _mm512_mask_storeu_epi16((void *)at16(row, 32 * c - s), mask, w);
+            __m512i codes = codes_from_bytes(_mm_loadu_si128((const __m128i *)pc));
+            _mm512_storeu_si512(out, _mm512_permutexvar_epi16(codes, tab));
+        }
+        if (c == c_last) {
+            if ((c >> cshift) != g)
+                tab = group_table(table, absmax[c >> cshift]);
+            _mm512_mask_storeu_epi16(out, chunk_mask(c, s, e),
+                                     _mm512_permutexvar_epi16(chunk_codes(packed, c, nbytes), tab));
         }
         memset(row + kl, 0, (size_t)(kl32 - kl) * 2);
     }
