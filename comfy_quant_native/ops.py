@@ -8,7 +8,7 @@ dispatcher costs ~20 us a call (DESIGN.md), a Flux step makes ~500 linears.
 Backends, chosen per call from the tensors' device (``list_backends()`` says why one is
 off, ``use_backend()`` forces one):
   cuda       native CUDA kernels (_cuda_kernels.so) on torch's current stream
-  cpu        native C kernels (_C), threaded, AVX2/AVX-512 by CPU features
+  cpu        native C kernels (_C), threaded, AVX2/AVX-512 (VNNI, BF16) by CPU features
   reference  plain PyTorch (reference.py): the oracle, and the fallback with one warning
 Every entry validates its tensors and raises ValueError/TypeError naming the tensor,
 the expected and the actual shape/dtype/device, before any kernel runs; all tensors of
@@ -165,9 +165,14 @@ def _nthreads() -> int:
 #   only to ~8 (3072x3072) - 16 (3072x12288) (bench/cpu_kernels.py crossover table).
 # int8 weight-only, CPU: float32 pays for a 4-byte weight and torch's slower float32
 #   GEMM, so the fused kernel stays ahead to ~512 tokens, bf16/fp16 to ~32.
+# 4-bit, CPU level avx512bf16 (cpu_bf16_linear()): bfloat16 x runs the vdpbf16ps kernel,
+#   which decodes each weight once per call and keeps up with torch's bf16 GEMM on the
+#   dense weight to hundreds of tokens; above, torch's GEMM (oneDNN, AMX where the CPU has
+#   it, which this kernel does not use) on the dequantized weight. Key "cpu_avx512bf16".
 # CUDA: the skinny tensor-core kernels win to 16 tokens (bench/gpu_ops.py).
 FUSED_MAX_M_4BIT = {
     "cpu": {torch.float32: 128, torch.bfloat16: 8, torch.float16: 64},
+    "cpu_avx512bf16": {torch.bfloat16: 256},
     "cuda": dict.fromkeys(L.FLOAT_DTYPES, 16),
 }
 FUSED_MAX_M_INT8 = {
@@ -179,8 +184,26 @@ FUSED_MAX_M_INT8 = {
 def fused_max_m(layout: str, backend: str, dtype: torch.dtype) -> int:
     """Tokens up to which the linear of ``layout`` runs the fused small-M kernel (W8A8 has
     no threshold: it always runs its own GEMM)."""
-    table = FUSED_MAX_M_4BIT if layout in L.FOUR_BIT else FUSED_MAX_M_INT8
-    return table[backend][dtype]
+    if layout in L.FOUR_BIT:
+        if backend == "cpu" and dtype == torch.bfloat16 and cpu_bf16_linear():
+            backend = "cpu_avx512bf16"
+        return FUSED_MAX_M_4BIT[backend][dtype]
+    return FUSED_MAX_M_INT8[backend][dtype]
+
+
+_BF16_LINEAR_AT_LEVEL: dict[str, bool] = {}
+
+
+def cpu_bf16_linear() -> bool:
+    """Whether the native CPU backend's current level has the bfloat16 4-bit linear
+    (AVX512-BF16; level avx512bf16). Without it, bf16 x runs the float32 kernel."""
+    if _C is None:
+        return False
+    level = _C.cpu_level()  # set_cpu_level / COMFY_QUANT_CPU can change it
+    has = _BF16_LINEAR_AT_LEVEL.get(level)
+    if has is None:
+        has = _BF16_LINEAR_AT_LEVEL[level] = _C.cpu_kernels()["linear_4bit_bf16"] is not None
+    return has
 
 
 # ----------------------------------------------------------------------------- validation
@@ -338,9 +361,14 @@ def _linear_4bit(x, packed, absmax, codebook, group_size, shape, bias) -> torch.
         w = _dequantize_4bit(packed, absmax, codebook, group_size, (N, K), x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     dev, stream = _dev(x)
-    dtype = x.dtype if backend == "cuda" else torch.float32
+    # CUDA keeps x's dtype; the CPU kernels take float32 x, or bfloat16 x at level
+    # avx512bf16 (weights rounded to bf16 as dequantize writes them), and a float32 bias.
+    if backend == "cuda" or (x.dtype == torch.bfloat16 and cpu_bf16_linear()):
+        dtype = x.dtype
+    else:
+        dtype = torch.float32
     x2 = x.reshape(M, K).to(dtype).contiguous()
-    b = None if bias is None else bias.to(dtype).contiguous()
+    b = None if bias is None else bias.to(dtype if backend == "cuda" else torch.float32).contiguous()
     y = torch.empty(M, N, dtype=dtype, device=x.device)
     with _on_device(x):
         _C.linear_4bit(x2.data_ptr(), L.DTYPE_CODES[dtype], packed.data_ptr(), absmax.data_ptr(),

@@ -99,7 +99,7 @@ def test_cpu_level_names_match_kernels_h():
     levels = sorted((v, k) for k, v in enum.items() if k != "CQ_CPU_LEVELS")
     assert enum["CQ_CPU_LEVELS"] == len(levels)
     names = [k[len("CQ_CPU_"):].lower().replace("_", "") for _, k in levels]
-    assert names == ["ref", "avx2", "avx512", "avx512vnni"]
+    assert names == ["ref", "avx2", "avx512", "avx512vnni", "avx512bf16"]
     if ops._C is not None:
         assert set(ops._C.cpu_levels()) <= set(names) and ops._C.cpu_levels()[0] == "ref"
         assert ops._C.cpu_level() in ops._C.cpu_levels()

@@ -212,7 +212,8 @@ def linear_tolerance(x, w, b):
 @pytest.mark.parametrize("fused", ["always", "never", "default"])
 def test_linear_matches_reference(cpu_level, codebook, fused, monkeypatch):
     if fused != "default":  # the fused kernel at every M, or dequantize + torch GEMM
-        monkeypatch.setitem(ops.FUSED_MAX_M_4BIT, "cpu", dict.fromkeys(DTYPES, 1 << 30 if fused == "always" else 0))
+        for key in ("cpu", "cpu_avx512bf16"):
+            monkeypatch.setitem(ops.FUSED_MAX_M_4BIT, key, dict.fromkeys(DTYPES, 1 << 30 if fused == "always" else 0))
     for M, N, K, group in LINEAR_CASES:
         w = torch.randn(N, K)
         packed, absmax = ops.quantize_4bit(w, codebook, group)

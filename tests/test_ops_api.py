@@ -212,7 +212,7 @@ def _c_bad_cases():
         ("gemm_int8", "bad xs_groups", {10: 3}, ValueError, r"xs_groups must be 1 or ceil\(K/gk\) = 2, got 3"),
         ("gemm_int8", "CPU output not float32", {6: 2}, ValueError, r"CPU kernel takes float32"),
         ("linear_int8", "CPU input not float32", {1: 1}, ValueError, r"CPU kernel takes float32"),
-        ("linear_4bit", "CPU input not float32", {1: 2}, ValueError, r"CPU kernel takes float32"),
+        ("linear_4bit", "CPU input float16", {1: 1}, ValueError, r"CPU kernel takes float32 \(code 0\), or bfloat16"),
         ("linear_int8", "misaligned bias", {4: "f32+1"}, ValueError, r"bias: pointer"),
     ]
     return cases
