@@ -64,12 +64,12 @@ static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes / 64 + 1) *
 
 /* ---------------------------------------------------------------- helpers */
 /* The group's 16 bf16 weights table[c] * a, in words 0-15 and again in 16-31.
- * vcvtneps2bf16 rounds to nearest even as dequantize_4bit does (convert.h), NaN to a
+ * vcvtne2ps2bf16 rounds to nearest even as dequantize_4bit does (convert.h), NaN to a
  * quiet NaN; it differs only on float32 denormal products (|table[c] * a| < 2^-126),
  * which vdpbf16ps would read as zero anyway. */
 CQ_INLINE CQ_BF16 __m512i group_table(__m512 table, float a) {
-    __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(table, _mm512_set1_ps(a)));
-    return _mm512_broadcast_i64x4(h);
+    const __m512 prod = _mm512_mul_ps(table, _mm512_set1_ps(a));
+    return (__m512i)_mm512_cvtne2ps_pbh(prod, prod);
 }
 
 /* float32 -> bfloat16 bits, round to nearest even, NaN kept quiet (= convert.h), 16
