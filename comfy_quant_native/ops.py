@@ -166,13 +166,28 @@ def _nthreads() -> int:
 # int8 weight-only, CPU: float32 pays for a 4-byte weight and torch's slower float32
 #   GEMM, so the fused kernel stays ahead to ~512 tokens, bf16/fp16 to ~32.
 # 4-bit, CPU level avx512bf16 (cpu_bf16_linear()): bfloat16 x runs the vdpbf16ps kernel,
-#   which decodes each weight once per call and keeps up with torch's bf16 GEMM on the
-#   dense weight to hundreds of tokens; above, torch's GEMM (oneDNN, AMX where the CPU has
-#   it, which this kernel does not use) on the dequantized weight. Key "cpu_avx512bf16".
+#   which decodes each weight once per call and keeps pace with torch's bf16 GEMM on the
+#   dense weight: fused 1.04-3.3x faster than dequantize + GEMM from 8 to 1024 tokens
+#   (Zen 4, bench/cpu_linear_bf16.py); 256 keeps a margin. A CPU with AMX (Sapphire Rapids
+#   and later) runs torch's bf16 GEMM on tiles this kernel does not use: there only the
+#   weight-bandwidth-bound few-token range stays fused (16, reasoned, not measured).
+#   Key "cpu_avx512bf16".
 # CUDA: the skinny tensor-core kernels win to 16 tokens (bench/gpu_ops.py).
+def _cpu_has_amx() -> bool:
+    """AMX-BF16 per /proc/cpuinfo (Linux; elsewhere assumed absent)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 FUSED_MAX_M_4BIT = {
     "cpu": {torch.float32: 128, torch.bfloat16: 8, torch.float16: 64},
-    "cpu_avx512bf16": {torch.bfloat16: 256},
+    "cpu_avx512bf16": {torch.bfloat16: 16 if _cpu_has_amx() else 256},
     "cuda": dict.fromkeys(L.FLOAT_DTYPES, 16),
 }
 FUSED_MAX_M_INT8 = {
