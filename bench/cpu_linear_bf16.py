@@ -2,7 +2,7 @@
 CPU backend and torch's dense bf16 GEMM, same run, with ratio tables.
 
     python3 bench/cpu_linear_bf16.py [--shapes 3072x3072,3072x12288,12288x3072] [--m 1,16,256]
-        [--layouts nf4] [--threads N] [--crossover-m 1,2,4,...] [--min-s 0.25]
+        [--layouts nf4] [--threads N] [--crossover-m 1,2,4,...] [--min-s 0.6] [--rounds 3]
 
 Shapes are N x K (out x in features); group size 64. Rows (one each, milliseconds):
   ours        ops.linear_4bit(bf16 x) with the fused kernel forced on: at level avx512bf16
@@ -13,7 +13,8 @@ Shapes are N x K (out x in features); group size 64. Rows (one each, millisecond
   bnb         bitsandbytes nn.Linear4bit forward, eval, no grad (its AVX512-BF16 gemv on a
               weight it repacks on the first call; bf16 absmax)
   torch bf16  F.linear on the dense bf16 weight (no quantization: the GEMM alone)
-Ratios are other / ours (> 1: ours is faster). --crossover-m adds fused vs deq+mm through
+Each cell: the implementations timed in turn, --rounds times (median of calls within a
+round, median over rounds). Ratios are other / ours (> 1: ours is faster). --crossover-m adds fused vs deq+mm through
 ops for ops.FUSED_MAX_M_4BIT["cpu_avx512bf16"]. A benchmark, not a test: results go to
 docs/BENCHMARKS.md by hand, with the machine's load.
 """
@@ -21,6 +22,7 @@ docs/BENCHMARKS.md by hand, with the machine's load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -38,7 +40,7 @@ GROUP = 64
 BF16 = torch.bfloat16
 
 
-def median_time(fn, min_s: float, reps_max: int = 50) -> float:
+def median_time(fn, min_s: float, reps_max: int = 400) -> float:
     fn()
     times, start = [], time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < min_s and len(times) < reps_max):
@@ -77,7 +79,7 @@ class forced:
         C.set_cpu_level(self.before)
 
 
-def bench_shape(layout, N, K, ms, min_s, rows):
+def bench_shape(layout, N, K, ms, min_s, rounds, rows):
     import bitsandbytes as bnb
 
     w = torch.randn(N, K)
@@ -90,17 +92,22 @@ def bench_shape(layout, N, K, ms, min_s, rows):
     lin = lambda x: ops.linear_4bit(x, packed, absmax, layout, GROUP, (N, K))  # noqa: E731
     for M in ms:
         x = torch.randn(M, K).to(BF16)
-        t = {}
+        impls = {}
+        if has_bf16:
+            impls["ours"] = (forced(True, "avx512bf16"), lambda: lin(x))
+        impls["f32 kernel"] = (forced(True, "avx512vnni" if has_bf16 else None), lambda: lin(x))
+        impls["deq+mm"] = (forced(False), lambda: lin(x))
+        impls["bnb"] = (contextlib.nullcontext(), lambda: layer(x))
+        impls["torch bf16"] = (contextlib.nullcontext(), lambda: F.linear(x, wb))
+        # Round robin, median over rounds: a burst of load from other processes then hits
+        # one round of every implementation rather than all the calls of one.
+        times = {k: [] for k in impls}
         with torch.no_grad():
-            if has_bf16:
-                with forced(True, "avx512bf16"):
-                    t["ours"] = median_time(lambda: lin(x), min_s)
-            with forced(True, "avx512vnni" if has_bf16 else None):
-                t["f32 kernel"] = median_time(lambda: lin(x), min_s)
-            with forced(False):
-                t["deq+mm"] = median_time(lambda: lin(x), min_s)
-            t["bnb"] = median_time(lambda: layer(x), min_s)
-            t["torch bf16"] = median_time(lambda: F.linear(x, wb), min_s)
+            for _ in range(rounds):
+                for k, (ctx, fn) in impls.items():
+                    with ctx:
+                        times[k].append(median_time(fn, min_s / rounds))
+        t = {k: statistics.median(v) for k, v in times.items()}
         rows.append((layout, f"{N}x{K}", M, t))
         print(f"{layout} {N}x{K} M={M}: " + "  ".join(f"{k} {v * 1e3:.3f} ms" for k, v in t.items()), flush=True)
 
@@ -128,7 +135,8 @@ def main():
     ap.add_argument("--layouts", default="nf4")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--crossover-m", default="", help="e.g. 8,16,32,64,128,256,512 (on the last shape)")
-    ap.add_argument("--min-s", type=float, default=0.25, help="seconds per median (>= 3 calls)")
+    ap.add_argument("--min-s", type=float, default=0.6, help="seconds per implementation and cell, over all rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds per cell (median over rounds)")
     args = ap.parse_args()
     if C is None:
         sys.exit(f"native extension not built: {ops.list_backends()['cpu']}")
@@ -147,7 +155,7 @@ def main():
     rows = []
     for layout in args.layouts.split(","):
         for N, K in shapes:
-            bench_shape(layout, N, K, ms, args.min_s, rows)
+            bench_shape(layout, N, K, ms, args.min_s, args.rounds, rows)
     cross = crossover(*shapes[-1], [int(m) for m in args.crossover_m.split(",")], args.min_s) if args.crossover_m else []
     load1 = os.getloadavg()
 
