@@ -124,9 +124,11 @@ def check_close(y, want, x, wd, bias, what):
                              f"{y.reshape(-1)[i].item()} want {want.reshape(-1)[i].item()} tol {tol.reshape(-1)[i].item()}")
 
 
-# M, N, K, group: M < 8 streams (GEMV), M >= 8 decodes panels of 32 columns x 256 k (GEMM)
+# M, N, K, group: M < 8 streams (GEMV; rows of whole 64-blocks where K % 64 == 0 and
+# group >= 64, chunk by chunk otherwise), M >= 8 decodes panels of 32 columns x 256 k (GEMM)
 CASES = [
     (1, 1, 1, 32), (1, 5, 7, 32), (1, 3, 31, 64), (1, 40, 3072, 64), (1, 7, 4097, 4096),
+    (1, 9, 192, 64), (2, 33, 640, 128), (5, 65, 256, 256), (3, 5, 128, 32), (6, 3, 64, 4096),
     (2, 13, 33, 32), (3, 9, 64, 64), (4, 33, 129, 128), (5, 17, 100, 32), (7, 3, 4096, 4096),
     (8, 11, 65, 64), (8, 32, 256, 64), (9, 8, 3071, 64), (12, 31, 257, 32), (13, 33, 511, 256),
     (16, 64, 512, 64), (20, 6, 300, 128), (25, 37, 555, 32), (40, 70, 1000, 4096), (64, 96, 768, 1024),
@@ -154,7 +156,8 @@ def test_exact_sums_are_bit_exact(bf16_level, codebook):
     1/16 grid, K <= 128: all terms on a grid of 2^-15 below 2^9), y must be the reference's
     bits: this pins down the bf16 rounding of the weights (round(table * absmax), not
     round(table) * absmax) and the one RNE rounding of y."""
-    for M, N, K, group in [(1, 37, 128, 32), (3, 5, 127, 64), (8, 33, 97, 32), (13, 40, 128, 128), (30, 3, 65, 64)]:
+    for M, N, K, group in [(1, 37, 128, 32), (1, 37, 128, 64), (3, 5, 127, 64), (5, 9, 128, 128), (8, 33, 97, 32),
+                           (13, 40, 128, 128), (30, 3, 65, 64)]:
         n = N * K
         packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8)
         absmax = torch.randint(1, 3, (-(-n // group),)).float()
@@ -175,6 +178,8 @@ def test_random_shapes(bf16_level):
     for _ in range(40):
         M = rng.choice([1, 2, 3, 5, 7, 8, 9, 11, 12, 17, 24, 33])
         N, K = rng.randint(1, 80), rng.randint(1, 700)
+        if rng.random() < 0.3:
+            K = 64 * rng.randint(1, 12)  # whole 64-blocks
         group, codebook = rng.choice([32, 64, 128, 256, 1024]), rng.choice(CODEBOOKS)
         packed, absmax = ops.quantize_4bit(torch.randn(N, K), codebook, group)
         x = torch.randn(M, K).to(torch.bfloat16)

@@ -197,12 +197,93 @@ CQ_INLINE CQ_BF16 void gemv_column(const uint16_t *x, const uint8_t *packed, con
     }
 }
 
+/* ---------------------------------------------------------------- GEMV, whole 64-blocks */
+/* Where K is a multiple of 64 and a group holds whole 64-code blocks (group >= 64), every
+ * row is a run of whole, aligned 64-blocks and a cheaper decode applies: one vpmovzxbw
+ * spreads a block's 32 bytes to words; a word indexes its byte's odd element (low nibble)
+ * as it is and, shifted right by 4, the even one, so two vpermw give the block's weights
+ * as [32 even | 32 odd] with no other shuffle. x is permuted the same way once per call
+ * (permute_x_even_odd); vdpbf16ps then pairs (2j, 2j + 2) instead of (2j, 2j + 1): the
+ * same products, summed in another order. */
+static CQ_BF16 void permute_x_even_odd(const uint16_t *x, uint16_t *xe, int64_t n) {
+    __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+    uint16_t ie[32], io[32];
+    for (int i = 0; i < 32; i++) {
+        ie[i] = (uint16_t)(2 * i); /* vpermt2w: 0-31 from the first source, 32-63 from the second */
+        io[i] = (uint16_t)(2 * i + 1);
+    }
+    even = _mm512_loadu_si512(ie);
+    odd = _mm512_loadu_si512(io);
+    for (int64_t i = 0; i < n; i += 64) {
+        const __m512i a = _mm512_loadu_si512(x + i), b = _mm512_loadu_si512(x + i + 32);
+        _mm512_storeu_si512(xe + i, _mm512_permutex2var_epi16(a, even, b));
+        _mm512_storeu_si512(xe + i + 32, _mm512_permutex2var_epi16(a, odd, b));
+    }
+}
+
+/* Column n for rows [m0, m0 + MT) of the permuted xe: two blocks a step, four accumulators
+ * a row. bshift: block -> group is b >> bshift. */
+CQ_INLINE CQ_BF16 void gemv_column_blocks(const uint16_t *xe, const uint8_t *packed, const float *absmax,
+                                          __m512 table, const float *bias, uint16_t *y, int64_t N,
+                                          int64_t K, int bshift, int64_t n, int64_t m0, const int MT) {
+    __m512 acc[GEMV_MR][4];
+    for (int m = 0; m < MT; m++)
+        acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
+    const int64_t b0 = n * K / 64, nblk = K / 64;
+    const uint8_t *pb = packed + 32 * b0;
+    const uint16_t *xr = xe + m0 * K;
+    int64_t gcur = b0 >> bshift;
+    __m512i tab = group_table(table, absmax[gcur]);
+    int64_t b = 0;
+    for (; b < nblk; b += 2) {
+        _mm_prefetch((const char *)(pb + 32 * b) + GEMV_PREFETCH, _MM_HINT_T0);
+        const int two = b + 2 <= nblk;
+        __m512i we[2], wo[2];
+        for (int i = 0; i < 2; i++) {
+            if (i == 1 && !two) {
+                we[1] = wo[1] = _mm512_setzero_si512();
+                break;
+            }
+            if (((b0 + b + i) >> bshift) != gcur) {
+                gcur = (b0 + b + i) >> bshift;
+                tab = group_table(table, absmax[gcur]);
+            }
+            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(pb + 32 * (b + i))));
+            we[i] = _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), tab);
+            wo[i] = _mm512_permutexvar_epi16(w, tab);
+        }
+        for (int m = 0; m < MT; m++) {
+            const uint16_t *xm = xr + m * K + 64 * b;
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], AS_BH(_mm512_loadu_si512(xm)), AS_BH(we[0]));
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], AS_BH(_mm512_loadu_si512(xm + 32)), AS_BH(wo[0]));
+            if (two) {
+                acc[m][2] = _mm512_dpbf16_ps(acc[m][2], AS_BH(_mm512_loadu_si512(xm + 64)), AS_BH(we[1]));
+                acc[m][3] = _mm512_dpbf16_ps(acc[m][3], AS_BH(_mm512_loadu_si512(xm + 96)), AS_BH(wo[1]));
+            }
+        }
+    }
+    for (int m = 0; m < MT; m++) {
+        __m512 t = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
+        y[(m0 + m) * N + n] = finish(_mm512_reduce_add_ps(t), bias, n);
+    }
+}
+
 static CQ_BF16 void linear_gemv(const uint16_t *x, const uint8_t *packed, const float *absmax,
                                 __m512 table, const float *bias, uint16_t *y, int64_t M, int64_t N,
                                 int64_t K, int cshift, int64_t n0, int64_t n1) {
+    /* whole 64-blocks: x permuted once into scratch (no scratch: the general path) */
+    uint16_t *xe = K % 64 == 0 && cshift >= 1 ? alloc64((size_t)(M * K) * 2) : NULL;
+    if (xe)
+        permute_x_even_odd(x, xe, M * K);
     for (int64_t n = n0; n < n1; n++) {
         int64_t m0 = 0;
-#define COL(MT) gemv_column(x, packed, absmax, table, bias, y, N, K, cshift, n, m0, MT)
+#define COL(MT)                                                                                  \
+    do {                                                                                         \
+        if (xe)                                                                                  \
+            gemv_column_blocks(xe, packed, absmax, table, bias, y, N, K, cshift - 1, n, m0, MT); \
+        else                                                                                     \
+            gemv_column(x, packed, absmax, table, bias, y, N, K, cshift, n, m0, MT);             \
+    } while (0)
         for (; m0 + 4 <= M; m0 += 4)
             COL(4);
         if (m0 + 2 <= M) {
@@ -213,6 +294,7 @@ static CQ_BF16 void linear_gemv(const uint16_t *x, const uint8_t *packed, const 
             COL(1);
 #undef COL
     }
+    free(xe);
 }
 
 /* ---------------------------------------------------------------- GEMM (more rows) */
