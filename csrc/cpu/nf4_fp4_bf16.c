@@ -21,7 +21,8 @@
  * Two shapes of work, by the number of rows M:
  * - M < GEMM_MIN_M: per output column, chunks go straight from the codes into
  *   vdpbf16ps against up to GEMV_MR rows of x, four accumulators a row (GEMV); codes
- *   are prefetched ahead of the decoder.
+ *   are prefetched ahead of the decoder. Where rows are whole 64-blocks (K % 64 == 0,
+ *   group >= 64) a cheaper decode runs against x permuted once (gemv_column_blocks).
  * - else: a panel of PANEL_N columns x PANEL_K k is decoded once into scratch, its
  *   rows transposed to k-pair-major order (one dword = the (k, k+1) pair of one
  *   column), and an outer-product micro-kernel broadcasts x's (k, k+1) pairs against
