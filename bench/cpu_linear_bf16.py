@@ -27,7 +27,6 @@ import datetime
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -35,19 +34,17 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from comfy_quant_native import ops  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_kernels import median_time as _median_time  # noqa: E402
+
+
+def median_time(fn, min_s: float) -> float:
+    """Median of >= 3 calls over about min_s seconds (bench/cpu_kernels.py's timer)."""
+    return _median_time(fn, min_s=min_s, reps_max=400)
+
 C = ops._C
 GROUP = 64
 BF16 = torch.bfloat16
-
-
-def median_time(fn, min_s: float, reps_max: int = 400) -> float:
-    fn()
-    times, start = [], time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_s and len(times) < reps_max):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def cpu_model() -> str:
