@@ -209,9 +209,12 @@ def fused_max_m(layout: str, backend: str, dtype: torch.dtype) -> int:
 _BF16_LINEAR_AT_LEVEL: dict[str, bool] = {}
 
 
+@torch.compiler.assume_constant_result  # traced as its value: dynamo cannot call into _C
 def cpu_bf16_linear() -> bool:
     """Whether the native CPU backend's current level has the bfloat16 4-bit linear
-    (AVX512-BF16; level avx512bf16). Without it, bf16 x runs the float32 kernel."""
+    (AVX512-BF16; level avx512bf16). Without it, bf16 x runs the float32 kernel. (A
+    compiled graph keeps the token threshold this implied when it was traced; the op
+    itself checks again when it runs.)"""
     if _C is None:
         return False
     level = _C.cpu_level()  # set_cpu_level / COMFY_QUANT_CPU can change it
@@ -644,9 +647,22 @@ def dequantize_4bit(packed, absmax, codebook: str, group_size: int, shape, dtype
     return _dequantize_4bit(packed, absmax, codebook, group_size, shape, dtype)
 
 
+def _traced_as_dequantize_gemm(x, layout: str) -> bool:
+    """Under torch.compile, a linear above the fused kernel's token range is traced as our
+    dequantize op + F.linear (what it runs anyway), so that the GEMM is the compiler's: it
+    can fuse bias, activation and residual into its epilogue, which an opaque op hides."""
+    backend = backend_for(x.device)
+    if backend not in FUSED_MAX_M_4BIT or x.dim() < 1:
+        return False
+    return math.prod(x.shape[:-1]) > fused_max_m(layout, backend, x.dtype)
+
+
 def linear_4bit(x, packed, absmax, codebook: str, group_size: int, shape, bias=None):
     """y = x W^T + bias for a 4-bit weight W of ``shape`` (N, K); x [..., K] -> y [..., N] in x.dtype."""
     if _compiling():
+        if _traced_as_dequantize_gemm(x, codebook):
+            w = torch.ops.comfy_quant.dequantize_4bit(packed, absmax, codebook, group_size, list(shape), x.dtype)
+            return F.linear(x, w, None if bias is None else bias.to(x.dtype))
         return torch.ops.comfy_quant.linear_4bit(x, packed, absmax, codebook, group_size, list(shape), bias)
     return _linear_4bit(x, packed, absmax, codebook, group_size, shape, bias)
 
@@ -668,6 +684,9 @@ def linear_int8(x, q, scale, layout: str, group_size: int | None, bias=None, act
     """y = x W^T + bias for an int8 weight: W8A8 with dynamic activation quantization
     (per token; per token per K-group for int8_block) or weight-only."""
     if _compiling():
+        if not act_quant and _traced_as_dequantize_gemm(x, layout):
+            w = torch.ops.comfy_quant.dequantize_int8(q, scale, layout, group_size, x.dtype)
+            return F.linear(x, w, None if bias is None else bias.to(x.dtype))
         return torch.ops.comfy_quant.linear_int8(x, q, scale, layout, group_size, bias, act_quant)
     return _linear_int8(x, q, scale, layout, group_size, bias, act_quant)
 

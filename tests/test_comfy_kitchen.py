@@ -5,6 +5,7 @@ These run in CI; tests/test_comfyui_*.py need a ComfyUI checkout."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -16,7 +17,7 @@ pytest.importorskip("comfy_kitchen")
 
 from comfy_kitchen.tensor import QuantizedTensor, get_layout_class  # noqa: E402
 
-from comfy_quant_native import QuantizedWeight  # noqa: E402
+from comfy_quant_native import QuantizedWeight, ops  # noqa: E402
 from comfy_quant_native.comfy import presets, qtensor  # noqa: E402
 from comfy_quant_native.formats import read_safetensors_header  # noqa: E402
 from comfy_quant_native.formats import FormatError  # noqa: E402
@@ -139,6 +140,31 @@ def test_compile_traces_custom_ops_without_graph_break(layout):
     assert any(op in s for s in ops_seen), ops_seen
     assert not any("dequantize" in s for s in ops_seen), ops_seen
     assert torch.equal(out, qtensor.native_linear(qt, x, b) * 2)
+
+
+@pytest.mark.parametrize("layout", ["nf4", "int8_row"])
+def test_compile_traces_large_m_as_dequantize_and_gemm(layout):
+    """Above the fused kernel's token range the compiled graph holds our dequantize op and
+    a plain GEMM (so the compiler owns the GEMM and its epilogue), with the eager result."""
+    w = _weight((96, 256))
+    x = torch.randn(3, 200, 256, dtype=torch.bfloat16)  # 600 tokens: above every threshold
+    b = torch.randn(96, dtype=torch.bfloat16)
+    if layout == "nf4":
+        packed, absmax = ops.quantize_4bit(w, "nf4", 64)
+        fn = lambda x, b: ops.linear_4bit(x, packed, absmax, "nf4", 64, (96, 256), b) * 2  # noqa: E731
+        eager = ops.linear_4bit(x, packed, absmax, "nf4", 64, (96, 256), b) * 2
+        op = "comfy_quant.dequantize_4bit"
+    else:
+        q, s = ops.quantize_int8(w, layout, None)
+        fn = lambda x, b: ops.linear_int8(x, q, s, layout, None, b, act_quant=False) * 2  # noqa: E731
+        eager = ops.linear_int8(x, q, s, layout, None, b, act_quant=False) * 2
+        op = "comfy_quant.dequantize_int8"
+    assert math.prod(x.shape[:-1]) > ops.fused_max_m(layout, "cpu", x.dtype)
+    ops_seen, out = _aot_graph_ops(fn, x, b)
+    assert any(op in t for t in ops_seen), ops_seen
+    assert not any("comfy_quant.linear" in t for t in ops_seen), ops_seen
+    assert any(t.startswith("aten.mm") or t.startswith("aten.addmm") for t in ops_seen), ops_seen
+    assert torch.equal(out, eager)
 
 
 # ----------------------------------------------------------------------------- presets
