@@ -131,6 +131,34 @@ __device__ __forceinline__ void warp_column_store(const float (&acc)[8], const T
     }
 }
 
+/* ------------------------------------------------------------------ cp.async (sm_80+) */
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+/* 16 bytes global -> shared, bypassing L1 (.cg); the first `bytes` are copied, the rest
+ * zero-filled (0: a zero store, src is not read). */
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, int bytes = 16) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+#endif
+}
+/* 4 bytes global -> shared (4-byte copies must go through L1: .ca). */
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void *src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+/* Waits until at most N of this thread's committed groups are still in flight. */
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
 template <typename T> struct DtypeOf;
 template <> struct DtypeOf<float> { static constexpr int code = CQ_F32; };
 template <> struct DtypeOf<__half> { static constexpr int code = CQ_F16; };

@@ -29,36 +29,6 @@ __device__ __forceinline__ uint32_t lut_offset(uint32_t w, uint32_t lane4) {
 }
 
 /* ------------------------------------------------------------------ staged skinny */
-/* linear4_staged: a block of 4 warps takes R rows and a K slice; its weights, absmax and
- * tokens come through shared memory by cp.async in STAGES stages of U chunks, so the
- * bytes in flight cost no registers and every operand of the decode is a short LDS
- * away. (Runs 5-8: a version that kept two batches of weights in registers held 11
- * warps an SM and waited on the token loads from L1 each chunk; 0.72x bf16 at M = 1,
- * 3072 -> 12288, against 0.58x here.) The weights bypass L1 (.cg). */
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-#endif
-}
-__device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
 /* Split of K over a cluster (sm_90): the largest S <= 8 that keeps blocks * S within the
  * resident blocks (no second, thin wave waiting on DRAM latency alone: run 5) and divides
  * K into whole stages where it can; a forced S (knob) wins. */
@@ -93,6 +63,12 @@ struct StagedShape {
     static constexpr int SMEM = 256 * 32 * 4 + STAGES * (WST + AST + XST) + 16 * R * 4;
 };
 
+/* linear4_staged: a block of 4 warps takes R rows and a K slice; its weights, absmax and
+ * tokens come through shared memory by cp.async in STAGES stages of U chunks, so the
+ * bytes in flight cost no registers and every operand of the decode is a short LDS
+ * away. (Runs 5-8: a version that kept two batches of weights in registers held 11
+ * warps an SM and waited on the token loads from L1 each chunk; 0.72x bf16 at M = 1,
+ * 3072 -> 12288, against 0.58x here.) The weights bypass L1 (.cg). */
 template <typename T, int NT, int BYTES, int MH>
 __global__ void __launch_bounds__(128)
 linear4_staged(const T *__restrict__ x, const uint8_t *__restrict__ packed, const float *__restrict__ absmax,
@@ -151,13 +127,13 @@ linear4_staged(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             for (int c = 0; c < WCOPIES; c++) {
                 const int piece = wdst[c] % RS / 16; /* chunk u = piece / (CB / 16) */
                 if (c0 + piece / (CB / 16) < nchunks)
-                    cp_async16(wb + wdst[c], wsrc[c] + (int64_t)c0 * (CK / 2));
+                    cp_async16(smem_u32(wb + wdst[c]), wsrc[c] + (int64_t)c0 * (CK / 2));
             }
 #pragma unroll
             for (int c = 0; c < ACOPIES; c++) {
                 const int u = a_u0 + c * (128 / R);
                 if (u < U && c0 + u < nchunks)
-                    cp_async4(ab + u * R + a_col, absmax + ((acolk + (int64_t)(c0 + u) * CK) >> log2_group));
+                    cp_async4(smem_u32(ab + u * R + a_col), absmax + ((acolk + (int64_t)(c0 + u) * CK) >> log2_group));
             }
             /* the tokens of the stage: mv rows of U * CK values (run 6: read from L1 chunk by
              * chunk they serialized each warp's loop on their latency) */
@@ -165,7 +141,7 @@ linear4_staged(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             for (int i = threadIdx.x; i < mv * (U * CK / 8); i += 128) {
                 const int row = i / (U * CK / 8), piece = i % (U * CK / 8);
                 if (c0 + piece * 8 / CK < nchunks)
-                    cp_async16(xb + row * XRS + piece * 16,
+                    cp_async16(smem_u32(xb + row * XRS + piece * 16),
                                x + (m0 + row) * K + k_begin + (int64_t)c0 * CK + piece * 8);
             }
         };
