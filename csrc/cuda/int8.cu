@@ -83,6 +83,20 @@ quant_int8_spans(const T *__restrict__ x, int8_t *__restrict__ q, float *__restr
         store_row8<VEC>(q + n * K, k, K, quant8(v, s));
 }
 
+/* Scale of a tile quantized by one 256-thread block: amax / 127 over every thread's
+ * amax bits (through warp_amax[8] in shared memory), the same value in every thread. */
+__device__ __forceinline__ float block_scale_256(uint32_t amax, uint32_t *warp_amax) {
+    amax = warp_max_u32(amax, 32);
+    if ((threadIdx.x & 31) == 0)
+        warp_amax[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        amax = max(amax, warp_amax[i]);
+    return __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+}
+
 /* quant_int8_rowblock: a block of 256 threads per tile of one row up to 16384 wide
  * (whole rows of activations and int8_tensorwise weights): one pass, the tile kept in
  * registers (8 values a thread per 2048), amax over the block. */
@@ -109,15 +123,7 @@ quant_int8_rowblock(const T *__restrict__ x, int8_t *__restrict__ q, float *__re
                 amax = max(amax, abs_bits(v[p][j]));
         }
     }
-    amax = warp_max_u32(amax, 32);
-    if ((threadIdx.x & 31) == 0)
-        warp_amax[threadIdx.x >> 5] = amax;
-    __syncthreads();
-    amax = 0;
-#pragma unroll
-    for (int i = 0; i < 8; i++)
-        amax = max(amax, warp_amax[i]);
-    const float s = __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+    const float s = block_scale_256(amax, warp_amax);
     if (threadIdx.x == 0)
         scale[n * kb + g] = s;
 #pragma unroll
@@ -186,15 +192,7 @@ quant_int8_tiles(const T *__restrict__ x, int8_t *__restrict__ q, float *__restr
                 for (int j = 0; j < 8; j++)
                     amax = max(amax, abs_bits(v[j]));
             }
-    amax = warp_max_u32(amax, 32);
-    if ((threadIdx.x & 31) == 0)
-        warp_amax[threadIdx.x >> 5] = amax;
-    __syncthreads();
-    amax = 0;
-#pragma unroll
-    for (int i = 0; i < 8; i++)
-        amax = max(amax, warp_amax[i]);
-    const float s = __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+    const float s = block_scale_256(amax, warp_amax);
     if (threadIdx.x == 0)
         scale[tile_n * kb + tile_k] = s;
     if (tr < rows_per_pass)
