@@ -383,6 +383,20 @@ done:
  * vector, so that rows do not share L1 sets when K is a multiple of 1024. */
 static inline int64_t scratch_stride(int64_t K) { return CQ_CDIV(K, 16) * 16 + 16; }
 
+/* Weight row of tile slot j: rows nb .. nb+nr-1, slots past nr repeat the last valid row
+ * (their results are never stored). */
+static inline int64_t tile_row(int64_t nb, int nr, int j) { return nb + (j < nr ? j : nr - 1); }
+
+/* The int8 rows and scale rows of a tile's LIN_NR weight slots. */
+INLINE void tile_rows(const int8_t *wq, const float *ws, int64_t nb, int nr, int64_t K, int64_t gn, int64_t kb,
+                      const int8_t *wr[LIN_NR], const float *sr[LIN_NR]) {
+    for (int j = 0; j < LIN_NR; j++) {
+        int64_t n = tile_row(nb, nr, j);
+        wr[j] = wq + n * K;
+        sr[j] = ws + (n / gn) * kb;
+    }
+}
+
 /* y[m0+i, nb+j] = hsum(acc[i][j]) (+ bias), j < nr; constant indices keep acc in registers. */
 INLINE T_AVX2 void store_tile_avx2(int mr, int nr, __m256 acc[LIN_MR_AVX2][LIN_NR], const float *bias,
                                    float *y, int64_t m0, int64_t nb, int64_t N) {
@@ -402,11 +416,7 @@ INLINE T_AVX2 void linear_tile_avx2(int mr, int nr, const float *x, const int8_t
                                     int64_t K, int64_t gn, int64_t gk, int64_t kb) {
     const int8_t *wr[LIN_NR];
     const float *sr[LIN_NR];
-    for (int j = 0; j < LIN_NR; j++) {
-        int64_t n = nb + (j < nr ? j : nr - 1);
-        wr[j] = wq + n * K;
-        sr[j] = ws + (n / gn) * kb;
-    }
+    tile_rows(wq, ws, nb, nr, K, gn, kb, wr, sr);
     __m256 acc[LIN_MR_AVX2][LIN_NR];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < LIN_NR; j++)
@@ -487,7 +497,7 @@ INLINE T_AVX2 void linear_tile_f32_avx2(int mr, int nr, const float *x, const fl
 INLINE T_AVX2 void dequantize_block_avx2(const int8_t *wq, const float *ws, int64_t nb, int nr, int64_t K,
                                          int64_t gn, int64_t gk, int64_t kb, float *wf) {
     for (int j = 0; j < LIN_NR; j++) {
-        int64_t n = nb + (j < nr ? j : nr - 1);
+        int64_t n = tile_row(nb, nr, j);
         float *row = wf + j * scratch_stride(K);
         dequantize_int8_avx2_dt(wq + n * K, ws + (n / gn) * kb, row, CQ_F32, 1, K, 1, gk, 0, 1);
         memset(row + K, 0, (size_t)(scratch_stride(K) - K) * sizeof(float));
@@ -862,11 +872,7 @@ INLINE T_AVX512 void linear_tile_avx512(int mr, int nr, const float *x, const in
                                         int64_t K, int64_t gn, int64_t gk, int64_t kb) {
     const int8_t *wr[LIN_NR];
     const float *sr[LIN_NR];
-    for (int j = 0; j < LIN_NR; j++) {
-        int64_t n = nb + (j < nr ? j : nr - 1);
-        wr[j] = wq + n * K;
-        sr[j] = ws + (n / gn) * kb;
-    }
+    tile_rows(wq, ws, nb, nr, K, gn, kb, wr, sr);
     __m512 acc[LIN_MR][LIN_NR];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < LIN_NR; j++)
@@ -909,7 +915,7 @@ INLINE T_AVX512 void linear_tile_avx512(int mr, int nr, const float *x, const in
 INLINE T_AVX512 void dequantize_block_avx512(const int8_t *wq, const float *ws, int64_t nb, int nr,
                                              int64_t K, int64_t gn, int64_t gk, int64_t kb, float *wf) {
     for (int j = 0; j < LIN_NR; j++) {
-        int64_t n = nb + (j < nr ? j : nr - 1);
+        int64_t n = tile_row(nb, nr, j);
         float *row = wf + j * scratch_stride(K);
         dequantize_int8_avx512_dt(wq + n * K, ws + (n / gn) * kb, row, CQ_F32, 1, K, 1, gk, 0, 1);
         memset(row + K, 0, (size_t)(scratch_stride(K) - K) * sizeof(float));
