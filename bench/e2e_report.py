@@ -27,6 +27,11 @@ def fmt(v, spec="{:.2f}"):
     return "-" if v is None else spec.format(v)
 
 
+def ratio(row, ref, key):
+    """row[key] / ref[key], or None where either is missing or zero."""
+    return row[key] / ref[key] if row.get(key) and ref.get(key) else None
+
+
 def verdicts(row, rows_by_name, column) -> list[str]:
     """The issue's targets for ``row`` in ``column`` ('eager_ms' or 'compiled_ms')."""
     name = row["format"]
@@ -61,14 +66,11 @@ def report(args, env, rows, lowvram_rows) -> str:
         if r["error"]:
             out.append(f"| {r['format']} | {err_text(r['error'])} |  |  |  |  |  |  |  |  |  |  |  |")
             continue
-        ratio = r["eager_ms"] / bf16["eager_ms"] if r["eager_ms"] and bf16.get("eager_ms") else None
-        cratio = r["compiled_ms"] / bf16["compiled_ms"] if r["compiled_ms"] and bf16.get("compiled_ms") else None
-        wratio = r["weight_bytes"] / bf16["weight_bytes"] if r["weight_bytes"] and bf16.get("weight_bytes") else None
-        fratio = (r["full_depth_bytes"] / bf16["full_depth_bytes"]
-                  if r.get("full_depth_bytes") and bf16.get("full_depth_bytes") else None)
+        eratio, cratio = ratio(r, bf16, "eager_ms"), ratio(r, bf16, "compiled_ms")
+        wratio, fratio = ratio(r, bf16, "weight_bytes"), ratio(r, bf16, "full_depth_bytes")
         compiled = fmt_ms(r["compiled_ms"]) if not r["compile_error"] else f"error: {r['compile_error'][:80]}"
         err = fmt(r["rel_err"], "{:.4f}") + ("" if r["finite"] in (None, True) else " (non-finite!)")
-        out.append(f"| {r['format']} | {fmt_ms(r['eager_ms'])} | {fmt(ratio)} | {compiled} | {fmt(cratio)} | "
+        out.append(f"| {r['format']} | {fmt_ms(r['eager_ms'])} | {fmt(eratio)} | {compiled} | {fmt(cratio)} | "
                    f"{fmt(r['peak_gib'])} | {fmt(r['gpu_gib'])} | {fmt(wratio, '{:.3f}')} | {fmt(fratio, '{:.3f}')} | {err} | "
                    f"{'; '.join(verdicts(r, by, 'eager_ms')) or '-'} | {'; '.join(verdicts(r, by, 'compiled_ms')) or '-'} | "
                    f"{fmt(r.get('setup_s'), '{:.0f}')} |")
@@ -98,11 +100,10 @@ def compact(rows, lowvram_rows) -> str:
         if r["error"]:
             lines.append(f"{r['format']:<12} {err_text(r['error'])[:100]}")
             continue
-        ratio = r["eager_ms"] / bf16["eager_ms"] if r["eager_ms"] and bf16.get("eager_ms") else None
-        cratio = r["compiled_ms"] / bf16["compiled_ms"] if r["compiled_ms"] and bf16.get("compiled_ms") else None
-        wratio = r["weight_bytes"] / bf16["weight_bytes"] if r["weight_bytes"] and bf16.get("weight_bytes") else None
+        eratio, cratio = ratio(r, bf16, "eager_ms"), ratio(r, bf16, "compiled_ms")
+        wratio = ratio(r, bf16, "weight_bytes")
         v = verdicts(r, by, "eager_ms") + [f"(c) {x}" for x in verdicts(r, by, "compiled_ms")]
-        lines.append(f"{r['format']:<12} {fmt_ms(r['eager_ms']):>8}  {fmt(ratio):>6}  {fmt_ms(r['compiled_ms']):>11}  "
+        lines.append(f"{r['format']:<12} {fmt_ms(r['eager_ms']):>8}  {fmt(eratio):>6}  {fmt_ms(r['compiled_ms']):>11}  "
                      f"{fmt(cratio):>6}  {fmt(r['peak_gib']):>8}  {fmt(wratio, '{:.3f}'):>14}  {'; '.join(v)}")
     for r in lowvram_rows:
         lines.append(f"lowvram {fmt(r['budget_gib'])} GiB {r['format']}: "
