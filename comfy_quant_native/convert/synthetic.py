@@ -25,6 +25,28 @@ def _linear(out: Shapes, name: str, n: int, k: int, bias: bool = True) -> None:
         out[f"{name}.bias"] = (n,)
 
 
+def _double_block(out: Shapes, p: str, h: int, m: int, head_dim: int, modulation: bool) -> None:
+    """One side (img or txt) of a Flux-family double block; Chroma's has no modulation."""
+    if modulation:
+        _linear(out, f"{p}_mod.lin", 6 * h, h)
+    _linear(out, f"{p}_attn.qkv", 3 * h, h)
+    out[f"{p}_attn.norm.query_norm.scale"] = (head_dim,)
+    out[f"{p}_attn.norm.key_norm.scale"] = (head_dim,)
+    _linear(out, f"{p}_attn.proj", h, h)
+    _linear(out, f"{p}_mlp.0", m, h)
+    _linear(out, f"{p}_mlp.2", h, m)
+
+
+def _single_block(out: Shapes, p: str, h: int, m: int, head_dim: int, modulation: bool) -> None:
+    """A Flux-family single block; Chroma's has no modulation."""
+    _linear(out, f"{p}.linear1", 3 * h + m, h)
+    _linear(out, f"{p}.linear2", h, h + m)
+    out[f"{p}.norm.query_norm.scale"] = (head_dim,)
+    out[f"{p}.norm.key_norm.scale"] = (head_dim,)
+    if modulation:
+        _linear(out, f"{p}.modulation.lin", 3 * h, h)
+
+
 def flux(hidden=3072, depth=19, single=38, in_ch=64, ctx=4096, vec=768, mlp_ratio=4, head_dim=128,
          guidance=True) -> Shapes:
     h, m = hidden, hidden * mlp_ratio
@@ -36,21 +58,9 @@ def flux(hidden=3072, depth=19, single=38, in_ch=64, ctx=4096, vec=768, mlp_rati
         _linear(s, f"{emb}.out_layer", h, h)
     for i in range(depth):
         for side in ("img", "txt"):
-            p = f"double_blocks.{i}.{side}"
-            _linear(s, f"{p}_mod.lin", 6 * h, h)
-            _linear(s, f"{p}_attn.qkv", 3 * h, h)
-            s[f"{p}_attn.norm.query_norm.scale"] = (head_dim,)
-            s[f"{p}_attn.norm.key_norm.scale"] = (head_dim,)
-            _linear(s, f"{p}_attn.proj", h, h)
-            _linear(s, f"{p}_mlp.0", m, h)
-            _linear(s, f"{p}_mlp.2", h, m)
+            _double_block(s, f"double_blocks.{i}.{side}", h, m, head_dim, modulation=True)
     for i in range(single):
-        p = f"single_blocks.{i}"
-        _linear(s, f"{p}.linear1", 3 * h + m, h)
-        _linear(s, f"{p}.linear2", h, h + m)
-        s[f"{p}.norm.query_norm.scale"] = (head_dim,)
-        s[f"{p}.norm.key_norm.scale"] = (head_dim,)
-        _linear(s, f"{p}.modulation.lin", 3 * h, h)
+        _single_block(s, f"single_blocks.{i}", h, m, head_dim, modulation=True)
     _linear(s, "final_layer.linear", in_ch, h)
     _linear(s, "final_layer.adaLN_modulation.1", 2 * h, h)
     return s
@@ -70,18 +80,9 @@ def chroma(hidden=3072, depth=19, single=38, in_ch=64, ctx=4096, approx=5120, ap
     _linear(s, "distilled_guidance_layer.out_proj", h, approx)
     for i in range(depth):
         for side in ("img", "txt"):
-            p = f"double_blocks.{i}.{side}"
-            _linear(s, f"{p}_attn.qkv", 3 * h, h)
-            s[f"{p}_attn.norm.query_norm.scale"] = (head_dim,)
-            s[f"{p}_attn.norm.key_norm.scale"] = (head_dim,)
-            _linear(s, f"{p}_attn.proj", h, h)
-            _linear(s, f"{p}_mlp.0", m, h)
-            _linear(s, f"{p}_mlp.2", h, m)
+            _double_block(s, f"double_blocks.{i}.{side}", h, m, head_dim, modulation=False)
     for i in range(single):
-        _linear(s, f"single_blocks.{i}.linear1", 3 * h + m, h)
-        _linear(s, f"single_blocks.{i}.linear2", h, h + m)
-        s[f"single_blocks.{i}.norm.query_norm.scale"] = (head_dim,)
-        s[f"single_blocks.{i}.norm.key_norm.scale"] = (head_dim,)
+        _single_block(s, f"single_blocks.{i}", h, m, head_dim, modulation=False)
     _linear(s, "final_layer.linear", in_ch, h)
     return s
 
