@@ -131,6 +131,22 @@ __device__ __forceinline__ void warp_column_store(const float (&acc)[8], const T
     }
 }
 
+/* Raises `kernel`'s dynamic shared-memory limit to `bytes` once per device: the limit
+ * belongs to the kernel in one device's context (set once per process, a second GPU kept
+ * the default: cudaErrorInvalidValue), and calling it on every launch put a driver call
+ * on the hot path. `done` is the caller's static bitmask for this kernel (bit = device;
+ * devices past 63 set it every time). A race sets it twice, which is harmless. */
+static inline int raise_smem_limit(const void *kernel, int bytes, unsigned long long *done, const char *where) {
+    int dev = 0;
+    CQ_CUDA_TRY(cudaGetDevice(&dev), where);
+    const unsigned long long bit = dev >= 0 && dev < 64 ? 1ull << dev : 0;
+    if (bit && (__atomic_load_n(done, __ATOMIC_ACQUIRE) & bit))
+        return CQ_OK;
+    CQ_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), where);
+    __atomic_fetch_or(done, bit, __ATOMIC_RELEASE);
+    return CQ_OK;
+}
+
 /* ------------------------------------------------------------------ cp.async (sm_80+) */
 __device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 

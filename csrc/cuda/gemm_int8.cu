@@ -355,10 +355,11 @@ template <typename T>
 static int run_mma80(const GemmInt8Args<T> &a, cudaStream_t stream) {
     const bool one = a.gk >= a.K;
     auto kernel = one ? gemm_int8_mma80<T, true> : gemm_int8_mma80<T, false>;
-    /* every launch: the limit is a property of the kernel in the current device's context,
-     * so setting it once per process left a second GPU at the default (cudaErrorInvalidValue) */
-    CQ_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, MMA80_SMEM),
-                "gemm_int8 (sm80) shared memory");
+    static unsigned long long smem_set[2]; /* per kernel (one or grouped), bit per device */
+    int st = raise_smem_limit(reinterpret_cast<const void *>(kernel), MMA80_SMEM, &smem_set[one],
+                              "gemm_int8 (sm80) shared memory");
+    if (st)
+        return st;
     dim3 grid((unsigned)((a.M + MMA80_BM - 1) / MMA80_BM), (unsigned)((a.N + MMA80_BN - 1) / MMA80_BN));
     kernel<<<grid, 256, MMA80_SMEM, stream>>>(a.xq, a.xs, a.wq, a.ws, a.bias, a.y, a.M, a.N, a.K, a.xs_groups, a.gn,
                                               a.gk);

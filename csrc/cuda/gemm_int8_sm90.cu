@@ -394,9 +394,11 @@ template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST>
 static int run_wgmma(const GemmInt8Args<T> &a, cudaStream_t stream) {
     using Cfg = Sm90Cfg<BN, PROMOTE>;
     auto kernel = gemm_int8_wgmma<T, BN, PROMOTE, XS_GROUPED, MCAST>;
-    /* every launch, per device context (see run_mma80) */
-    CQ_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::SMEM),
-                "gemm_int8 (sm90) shared memory");
+    static unsigned long long smem_set; /* bit per device (raise_smem_limit) */
+    int st0 = raise_smem_limit(reinterpret_cast<const void *>(kernel), Cfg::SMEM, &smem_set,
+                               "gemm_int8 (sm90) shared memory");
+    if (st0)
+        return st0;
     CUtensorMap ma, mb;
     int st = make_map(&ma, a.xq, a.M, a.K, SM90_BM);
     if (!st)

@@ -291,8 +291,11 @@ static int run_staged_mh(const DeviceInfo &dev, const T *x, const uint8_t *packe
     const int64_t rounds = (row_tiles + slots - 1) / slots;
     const unsigned gy = (unsigned)((row_tiles + rounds - 1) / rounds);
     auto kernel = linear4_staged<T, NT, BYTES, MH>;
-    CQ_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SH::SMEM),
-                "linear_4bit (staged smem)");
+    static unsigned long long smem_set; /* bit per device (raise_smem_limit) */
+    const int st = raise_smem_limit(reinterpret_cast<const void *>(kernel), SH::SMEM, &smem_set,
+                                    "linear_4bit (staged smem)");
+    if (st)
+        return st;
     /* the kernel reads M only through min(M - m0, 16) */
     return launch_clustered_smem(kernel, S, gy, gz, 128, (size_t)SH::SMEM, stream, "linear_4bit (staged)", x,
                                  packed, absmax, bias, y, (int)(M < INT32_MAX ? M : INT32_MAX), N, K, lg, codebook,
