@@ -19,6 +19,7 @@ Floors: bytes that must move at the measured copy bandwidth (dequantize/quantize
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -247,6 +248,17 @@ def bench_linear(rows: list[dict], shapes, tokens, have_bnb: bool) -> None:
             del x
 
 
+@contextlib.contextmanager
+def kernel_variants(**knobs):
+    """Forces CUDA kernel knobs (ops.CUDA_KNOBS) for the block, then restores them."""
+    before = {k: ops.cuda_kernel_variant(k, v) for k, v in knobs.items()}
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            ops.cuda_kernel_variant(k, v)
+
+
 def bench_variants(rows: list[dict]) -> None:
     """Kernel variants, forced: skinny tile / split for 4-bit, int8 GEMM paths."""
     for K, N in SHAPES:
@@ -256,27 +268,17 @@ def bench_variants(rows: list[dict]) -> None:
         ps = [p.clone() for _ in range(C)]
         for M in (1, 16):
             x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-            for path, pname in ((2, "staged"),):
-                for tile in (1, 2, 4):
-                    for split in (0, 1, 2, 4, 8):
-                        prev_p = ops.cuda_kernel_variant("linear_4bit", path)
-                        prev_t = ops.cuda_kernel_variant("skinny_tile", tile)
-                        prev_s = ops.cuda_kernel_variant("split_k", split)
+            for tile in (1, 2, 4):
+                for split in (0, 1, 2, 4, 8):
+                    with kernel_variants(linear_4bit=2, skinny_tile=tile, split_k=split):
                         ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
-                        ops.cuda_kernel_variant("linear_4bit", prev_p)
-                        ops.cuda_kernel_variant("skinny_tile", prev_t)
-                        ops.cuda_kernel_variant("split_k", prev_s)
-                        rows.append(dict(op="variant", K=K, N=N, M=M,
-                                         method=f"nf4 skinny {pname} NT={tile} S={split or 'auto'}", ms=ms))
+                    rows.append(dict(op="variant", K=K, N=N, M=M,
+                                     method=f"nf4 skinny staged NT={tile} S={split or 'auto'}", ms=ms))
             # where the time goes: loads alone (probe: no decode, no MMA; wrong results) and
             # one weight reused every call (served from L2, no DRAM)
-            for path, pname in ((2, "staged"),):
-                prev_p = ops.cuda_kernel_variant("linear_4bit", path)
-                prev = ops.cuda_kernel_variant("skinny_probe", 1)
+            with kernel_variants(linear_4bit=2, skinny_probe=1):
                 ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
-                ops.cuda_kernel_variant("skinny_probe", prev)
-                ops.cuda_kernel_variant("linear_4bit", prev_p)
-                rows.append(dict(op="variant", K=K, N=N, M=M, method=f"nf4 skinny {pname} probe: loads only", ms=ms))
+            rows.append(dict(op="variant", K=K, N=N, M=M, method="nf4 skinny staged probe: loads only", ms=ms))
             ms = time_graph(lambda i: ops.linear_4bit(x, ps[0], a, "nf4", 64, (N, K)), 1, 50)
             rows.append(dict(op="variant", K=K, N=N, M=M, method="nf4 skinny one weight (L2)", ms=ms))
         x = torch.randn(4608, K, device=DEV, dtype=torch.bfloat16)
@@ -287,7 +289,6 @@ def bench_variants(rows: list[dict]) -> None:
             if "gemm_int8=" in os.environ.get("COMFY_QUANT_CUDA_VARIANTS", ""):
                 paths = paths[:1]  # the wgmma kernel was switched off for this run
             for name, path in paths:
-                prev = ops.cuda_kernel_variant("gemm_int8", path)
                 from comfy_quant_native import layouts as L
 
                 gs = L.check_group_size(lay, g, K)
@@ -301,8 +302,8 @@ def bench_variants(rows: list[dict]) -> None:
                     return y
 
                 qs = [q, q.clone()]
-                ms = time_graph(lambda i: gemm(qs[i]), 2, 10)
-                ops.cuda_kernel_variant("gemm_int8", prev)
+                with kernel_variants(gemm_int8=path):
+                    ms = time_graph(lambda i: gemm(qs[i]), 2, 10)
                 tops = 2 * 4608 * N * K / (ms * 1e-3) / 1e12
                 rows.append(dict(op="variant", K=K, N=N, M=4608, method=f"gemm {lay} {name} ({tops:.0f} TOPS)", ms=ms))
 
