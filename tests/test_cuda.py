@@ -259,7 +259,8 @@ def test_linear_4bit_op_paths(M):
 
 
 # ----------------------------------------------------------------------------- int8
-INT8_SHAPES = [(1, 1), (1, 33), (7, 5), (130, 129), (64, 512), (257, 300), (3, 1024 + 8), (2, 3072), (3, 4088)]
+INT8_SHAPES = [(1, 1), (1, 33), (7, 5), (130, 129), (64, 512), (257, 300), (3, 1024 + 8), (2, 3072), (3, 4088),
+               (2, 8200), (3, 12288), (2, 16384), (2, 16392)]  # row widths of each row-kernel's P
 
 
 @pytest.mark.parametrize("layout,group", [("int8_block", 128), ("int8_block", 32), ("int8_lode", 128),
@@ -280,10 +281,15 @@ def test_int8_quantize_dequantize_bit_exact(layout, group, dtype):
             assert same_bits(got, ref), (N, K, out)
 
 
-@pytest.mark.parametrize("group_k", [32, 128, 256, 3072, 5000])
-def test_int8_activation_quantize_bit_exact(group_k):
-    x = torch.randn(37, 3072, dtype=torch.bfloat16) * 3
+@pytest.mark.parametrize("group_k", [32, 128, 256, 3072, 5000, 12296])
+@pytest.mark.parametrize("K,dtype", [(3072, torch.bfloat16), (12296, torch.bfloat16), (12296, torch.float16),
+                                     (1000, torch.float32)])
+def test_int8_activation_quantize_bit_exact(group_k, K, dtype):
+    x = torch.randn(37, K, dtype=dtype) * 3
+    x[5, 17] = 0.0
+    x[6] = 0.0  # a zero row: scale 0, codes 0
     ref = reference.quantize_int8_act(x, group_k)
+    poison()
     got = ops.quantize_int8_act(x.to(DEV), group_k)
     assert same_bits(got[0], ref[0]) and same_bits(got[1], ref[1])
 
@@ -296,7 +302,8 @@ def test_int8_quantize_rejects_nonfinite():
 
 
 GEMM_PATHS = {"generic": 1, "skinny": 2, "mma80": 3, "sm90": 4, "sm90_multicast": 5}
-GEMM_SHAPES = [(1, 64, 256), (16, 136, 512), (17, 72, 384), (200, 264, 512), (300, 128, 1024), (5, 40, 1000)]
+GEMM_SHAPES = [(1, 64, 256), (16, 136, 512), (17, 72, 384), (200, 264, 512), (300, 128, 1024), (5, 40, 1000),
+               (131, 203, 384), (129, 520, 256)]  # odd N (element tail), a partial 256-wide tile
 
 
 @pytest.mark.parametrize("path", list(GEMM_PATHS))

@@ -29,7 +29,11 @@ template <int BN, bool PROMOTE> struct Sm90Cfg {
     static constexpr int A_BYTES = SM90_BM * SM90_BK;
     static constexpr int B_BYTES = BN * SM90_BK;
     static constexpr int WS_BYTES = PROMOTE ? BN * 4 : 0;
-    static constexpr int SMEM = 1024 + STAGES * (A_BYTES + B_BYTES + WS_BYTES) + 2 * STAGES * 8;
+    static constexpr int BARS_OFF = STAGES * (A_BYTES + B_BYTES + WS_BYTES);
+    /* the epilogue's per-column weight scales and bias and per-row token scales (float) */
+    static constexpr int EPI_OFF = BARS_OFF + 2 * STAGES * 8;
+    static constexpr int EPI_BYTES = (2 * BN + SM90_BM) * 4;
+    static constexpr int SMEM = 1024 + EPI_OFF + EPI_BYTES;
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -95,6 +99,9 @@ template <int R> __device__ __forceinline__ void fence_regs(int (&d)[R]) {
         asm volatile("" : "+r"(d[i])::"memory");
 }
 
+/* the two consumer warpgroups (threads 128..383) only */
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
 /* shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 B apart */
 __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(16 >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) |
@@ -107,18 +114,6 @@ template <> __device__ __forceinline__ void wgmma_tile<128>(int (&d)[64], uint64
 }
 template <> __device__ __forceinline__ void wgmma_tile<256>(int (&d)[128], uint64_t da, uint64_t db, int scale_d) {
     wgmma_m64n256k32_s8(d, da, db, scale_d);
-}
-
-template <typename T>
-__device__ __forceinline__ void store_pair(T *y, int64_t row, int64_t col, int64_t N, float v0, float v1) {
-    T *p = y + row * N + col;
-    if (col + 1 < N && (N & 1) == 0) {
-        *reinterpret_cast<uint32_t *>(p) = pack2<T>(v0, v1);
-    } else {
-        p[0] = from_f32<T>(v0);
-        if (col + 1 < N)
-            p[1] = from_f32<T>(v1);
-    }
 }
 
 /* mbarrier arrive on the barrier at the same shared-memory offset in cluster CTA `cta` */
@@ -166,7 +161,9 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
     uint8_t *gbase = smem_raw + (base - raw);     /* same offset in both CTAs: same dynamic smem layout */
     const uint32_t sA = base, sB = base + STAGES * A_BYTES;
     float *wsm = reinterpret_cast<float *>(gbase + STAGES * (A_BYTES + B_BYTES));
-    const uint32_t bars = base + STAGES * (A_BYTES + B_BYTES + Cfg::WS_BYTES);
+    const uint32_t bars = base + Cfg::BARS_OFF;
+    float *epi_ws = reinterpret_cast<float *>(gbase + Cfg::EPI_OFF), *epi_bias = epi_ws + BN,
+          *epi_xs = epi_bias + BN;
     auto full = [&](int s) { return bars + 8u * s; };
     auto empty = [&](int s) { return bars + 8u * (STAGES + s); };
 
@@ -232,6 +229,22 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         const int64_t row0 = m0 + cw * 64 + wl * 16 + (lane >> 2); /* and row0 + 8 */
         const float *xs_row0 = xs + (row0 < M ? row0 : M - 1) * xs_groups;
         const float *xs_row1 = xs + (row0 + 8 < M ? row0 + 8 : M - 1) * xs_groups;
+        /* The epilogue's scales and bias into shared memory now, while the first stages
+         * load: read from global in the epilogue, 64 dependent loads a thread behind 128
+         * live accumulators were issued a few at a time, an L2 latency each, ~10 us a
+         * tile (docs/CUDA_NOTES.md, run 10). Read after the epilogue's first barrier. */
+        {
+            const int ct = tid - 128;
+            if (ct < BN) {
+                const int64_t c = n0 + ct < N ? n0 + ct : N - 1;
+                epi_ws[ct] = PROMOTE ? 1.0f : __ldg(ws + (gn == 1 ? c : c / gn));
+                epi_bias[ct] = bias ? to_f32(bias[c]) : 0.0f;
+            }
+            if (ct < SM90_BM) {
+                const int64_t r = m0 + ct < M ? m0 + ct : M - 1;
+                epi_xs[ct] = XS_GROUPED ? 1.0f : __ldg(xs + r * xs_groups);
+            }
+        }
         const int tiles_per_group = PROMOTE ? (int)(gk / SM90_BK) : 1;
         auto release = [&](int s) { /* this warp is done with stage s, in both CTAs */
             __syncwarp();
@@ -307,42 +320,55 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
             }
         }
 
-        /* epilogue: register 4i + 2h + e holds (row0 + 8h, n0 + 8i + 2t + e) */
-        const bool rv0 = row0 < M, rv1 = row0 + 8 < M;
-        float x_s[2] = {1.0f, 1.0f};
-        if constexpr (!XS_GROUPED) {
-            x_s[0] = __ldg(xs + (rv0 ? row0 : 0) * xs_groups);
-            x_s[1] = __ldg(xs + (rv1 ? row0 + 8 : 0) * xs_groups);
-        }
+        /* Epilogue. Register 4i + 2h + e holds (row0 + 8h, n0 + 8i + 2t + e). The scaled
+         * tile goes through shared memory (the stage ring: every stage has been consumed
+         * once both consumer warpgroups get here) and leaves as rows of 16-byte stores,
+         * coalesced; stored straight from the accumulator layout, each warp store would
+         * touch 8 rows and the per-element bounds and scale loads cost several times the
+         * main loop of a K = 3072 tile (docs/CUDA_NOTES.md, run 10). */
+        consumers_sync();
+        constexpr int LD = BN * 2 + 16; /* bytes a staged row; the padding spreads 8 rows over 32 banks */
+        const int r0 = cw * 64 + wl * 16 + (lane >> 2); /* tile row of register set h = 0 */
+        const float x_s[2] = {epi_xs[r0], epi_xs[r0 + 8]};
 #pragma unroll
         for (int i = 0; i < BN / 8; i++) {
-            const int64_t col = n0 + 8 * i + 2 * t;
-            if (col >= N)
-                continue;
-            float w_s[2] = {1.0f, 1.0f}, b[2] = {0.0f, 0.0f};
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int64_t c = col + e < N ? col + e : N - 1;
-                if constexpr (!PROMOTE)
-                    w_s[e] = __ldg(ws + (gn == 1 ? c : c / gn));
-                if (bias)
-                    b[e] = to_f32(bias[c]);
-            }
+            const int cl = 8 * i + 2 * t; /* tile column */
+            const float2 w_s = *reinterpret_cast<const float2 *>(epi_ws + cl);
+            const float2 b = *reinterpret_cast<const float2 *>(epi_bias + cl);
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                if (!(h ? rv1 : rv0))
-                    continue;
                 float v[2];
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     if constexpr (PROMOTE)
                         v[e] = XS_GROUPED ? accf[4 * i + 2 * h + e] : accf[4 * i + 2 * h + e] * x_s[h];
                     else
-                        v[e] = __fmul_rn((float)acc[4 * i + 2 * h + e], __fmul_rn(x_s[h], w_s[e]));
+                        v[e] = __fmul_rn((float)acc[4 * i + 2 * h + e], __fmul_rn(x_s[h], e ? w_s.y : w_s.x));
                     if (bias)
-                        v[e] = __fadd_rn(v[e], b[e]);
+                        v[e] = __fadd_rn(v[e], e ? b.y : b.x);
                 }
-                store_pair<T>(y, row0 + 8 * h, col, N, v[0], v[1]);
+                *reinterpret_cast<uint32_t *>(gbase + (r0 + 8 * h) * LD + cl * 2) = pack2<T>(v[0], v[1]);
+            }
+        }
+        consumers_sync();
+        /* 16-byte pieces of the staged rows, a warp per 32 consecutive pieces */
+        constexpr int PIECES = BN / 8;
+        const bool vec = (N & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15u) == 0;
+        for (int c = tid - 128; c < SM90_BM * PIECES; c += 256) {
+            const int r = c / PIECES, j = c - r * PIECES;
+            const int64_t grow = m0 + r, gcol = n0 + 8 * j;
+            if (grow >= M || gcol >= N)
+                continue;
+            const uint4 piece = *reinterpret_cast<const uint4 *>(gbase + r * LD + j * 16);
+            T *dst = y + grow * N + gcol;
+            if (vec && gcol + 8 <= N) {
+                *reinterpret_cast<uint4 *>(dst) = piece;
+            } else {
+                const T *src = reinterpret_cast<const T *>(&piece);
+#pragma unroll
+                for (int e = 0; e < 8; e++)
+                    if (gcol + e < N)
+                        dst[e] = src[e];
             }
         }
     }

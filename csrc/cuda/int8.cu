@@ -83,24 +83,79 @@ quant_int8_spans(const T *__restrict__ x, int8_t *__restrict__ q, float *__restr
         store_row8<VEC>(q + n * K, k, K, quant8(v, s));
 }
 
-/* Scale of a tile quantized by one 256-thread block: amax / 127 over every thread's
- * amax bits (through warp_amax[8] in shared memory), the same value in every thread. */
-__device__ __forceinline__ float block_scale_256(uint32_t amax, uint32_t *warp_amax) {
+/* Scale of a tile quantized by one block of up to 256 threads (whole warps): amax / 127
+ * over every thread's amax bits (through warp_amax[8] in shared memory), the same value
+ * in every thread. */
+__device__ __forceinline__ float block_scale(uint32_t amax, uint32_t *warp_amax) {
     amax = warp_max_u32(amax, 32);
     if ((threadIdx.x & 31) == 0)
         warp_amax[threadIdx.x >> 5] = amax;
     __syncthreads();
     amax = 0;
+    const int warps = (int)(blockDim.x >> 5);
 #pragma unroll
     for (int i = 0; i < 8; i++)
-        amax = max(amax, warp_amax[i]);
+        if (i < warps)
+            amax = max(amax, warp_amax[i]);
     return __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+}
+
+/* quant_int8_rowraw: a block per tile of one row (whole rows of activations and of
+ * int8_tensorwise weights), 16-bit values, 16-byte aligned rows, width a multiple of 8.
+ * Every thread issues its P 16-byte loads before using any and keeps them raw (8 values
+ * in 4 registers, not 8 floats), so blocks stay small (P chunks a thread, blockDim
+ * sized to the width) and many fit an SM: the loads of ~6 rows an SM are in flight
+ * while other rows reduce and divide. One pass: amax over the block, then quantize. */
+template <typename T, int P>
+__global__ void __launch_bounds__(256)
+quant_int8_rowraw(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N,
+                  int64_t K, int64_t gk) {
+    __shared__ uint32_t warp_amax[8];
+    const int64_t kb = (K + gk - 1) / gk;
+    const int64_t n = blockIdx.y, g = blockIdx.x;
+    const int64_t k0 = g * gk + threadIdx.x * 8; /* this thread's first value */
+    const int left = (int)((g * gk + gk < K ? g * gk + gk : K) - k0); /* values of the tile from k0 */
+    const int step = (int)blockDim.x * 8;
+    const T *src = x + n * K + k0;
+    uint4 raw[P];
+#pragma unroll
+    for (int p = 0; p < P; p++)
+        raw[p] = p * step < left ? __ldg(reinterpret_cast<const uint4 *>(src + p * step)) : make_uint4(0, 0, 0, 0);
+    uint32_t amax = 0; /* zero padding leaves the max alone */
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+        const T *h = reinterpret_cast<const T *>(&raw[p]);
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            amax = max(amax, abs_bits(to_f32(h[j])));
+    }
+    /* opaque to the compiler: the floats of the amax pass are not kept for the second
+     * (that would hold 8 P floats a thread), they are converted again from raw */
+#pragma unroll
+    for (int p = 0; p < P; p++)
+        asm volatile("" : "+r"(raw[p].x), "+r"(raw[p].y), "+r"(raw[p].z), "+r"(raw[p].w));
+    const float s = block_scale(amax, warp_amax);
+    if (threadIdx.x == 0)
+        scale[n * kb + g] = s;
+    int8_t *dst = q + n * K + k0;
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+        if (p * step < left) {
+            const T *h = reinterpret_cast<const T *>(&raw[p]);
+            float v[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                v[j] = to_f32(h[j]);
+            *reinterpret_cast<uint2 *>(dst + p * step) = quant8(v, s);
+        }
+    }
 }
 
 /* quant_int8_rowblock: a block of 256 threads per tile of one row up to 16384 wide
  * (whole rows of activations and int8_tensorwise weights): one pass, the tile kept in
  * registers (8 values a thread per 2048), amax over the block. */
 constexpr int ROWBLOCK_MAX = 16384;
+constexpr int ROWRAW_MAX = 8 * 8 * 256; /* P = 8 chunks of 8 values, 256 threads */
 
 template <typename T, bool VEC, int P>
 __global__ void __launch_bounds__(256)
@@ -123,7 +178,7 @@ quant_int8_rowblock(const T *__restrict__ x, int8_t *__restrict__ q, float *__re
                 amax = max(amax, abs_bits(v[p][j]));
         }
     }
-    const float s = block_scale_256(amax, warp_amax);
+    const float s = block_scale(amax, warp_amax);
     if (threadIdx.x == 0)
         scale[n * kb + g] = s;
 #pragma unroll
@@ -192,7 +247,7 @@ quant_int8_tiles(const T *__restrict__ x, int8_t *__restrict__ q, float *__restr
                 for (int j = 0; j < 8; j++)
                     amax = max(amax, abs_bits(v[j]));
             }
-    const float s = block_scale_256(amax, warp_amax);
+    const float s = block_scale(amax, warp_amax);
     if (threadIdx.x == 0)
         scale[tile_n * kb + tile_k] = s;
     if (tr < rows_per_pass)
@@ -225,6 +280,18 @@ static int quantize_int8_t(const T *x, int8_t *q, float *scale, int64_t N, int64
             quant_int8_spans<T, true><<<grid, 256, 0, stream>>>(x, q, scale, N, K, log2i(gk));
         else
             quant_int8_spans<T, false><<<grid, 256, 0, stream>>>(x, q, scale, N, K, log2i(gk));
+    } else if (gn == 1 && sizeof(T) == 2 && vec && (gk < K ? gk : K) <= ROWRAW_MAX && N <= 65535) {
+        /* P chunks of 8 a thread: 4 up to 8192 wide (blocks of <= 256 threads), else 8 */
+        const int64_t width = gk < K ? gk : K, chunks = (width + 7) / 8;
+        const int P = chunks <= 1024 ? 4 : 8;
+        const unsigned threads = (unsigned)((chunks + P - 1) / P + 31) / 32 * 32;
+        dim3 grid((unsigned)((K + gk - 1) / gk), (unsigned)N);
+        if constexpr (sizeof(T) == 2) {
+            if (P == 4)
+                quant_int8_rowraw<T, 4><<<grid, threads, 0, stream>>>(x, q, scale, N, K, gk);
+            else
+                quant_int8_rowraw<T, 8><<<grid, threads, 0, stream>>>(x, q, scale, N, K, gk);
+        }
     } else if (gn == 1 && (gk < K ? gk : K) <= ROWBLOCK_MAX && N <= 65535) {
         dim3 grid((unsigned)((K + gk - 1) / gk), (unsigned)N);
         const int64_t width = gk < K ? gk : K;

@@ -1,0 +1,117 @@
+"""Where a W8A8 linear at large M spends its time: the whole op against its parts, each
+timed alone in the same run (CUDA-graph replay, bench/gpu_ops.py's timer).
+
+    python3 bench/w8a8_parts.py [--M 4608] [--layouts int8_row,int8_lode,int8_block]
+
+Rows per (K, N, layout), ms and ratio to bf16 F.linear on fresh weights:
+  op          ops.linear_int8 (activation quantize + GEMM), weights rotated past L2
+  act quant   ops.quantize_int8_act alone
+  gemm cold   the GEMM alone on ready xq / xs, weights rotated past L2
+  gemm warm   the GEMM alone on one weight reused every call
+  op - parts  op minus (act quant + gemm cold): what the sum does not explain
+--ksweep: the GEMM alone (int8_row) at M x N for K from 128 up, to split its time into
+a per-tile fixed part and a per-K-step part (time = rounds x (fixed + K/128 x step)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from comfy_quant_native import layouts as L  # noqa: E402
+from comfy_quant_native import ops  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_ops import DEV, SHAPES, copies_for, time_graph  # noqa: E402
+
+GROUPS = {"int8_row": None, "int8_lode": 128, "int8_block": 128}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--M", type=int, default=4608)
+    ap.add_argument("--layouts", default="int8_row,int8_lode,int8_block")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--ksweep", type=int, default=0, help="N for a K sweep of the int8_row GEMM")
+    args = ap.parse_args()
+    M, reps = args.M, args.reps
+    if args.ksweep:
+        ksweep(M, args.ksweep, reps)
+        return
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {M}")
+    print("| K, N | layout | bf16 | op | act quant | gemm cold | gemm warm | op - parts | gemm cold TOPS |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for K, N in SHAPES:
+        w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
+        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+        C = copies_for(2 * N * K)
+        ws_bf16 = [w.clone() for _ in range(C)]
+        t_bf16 = time_graph(lambda i: F.linear(x, ws_bf16[i]), C, reps)
+        del ws_bf16
+        for lay in args.layouts.split(","):
+            g = GROUPS[lay]
+            q, s = ops.quantize_int8(w, lay, g)
+            gs = L.check_group_size(lay, g, K)
+            gn, gk = L.int8_tile(lay, gs, K)
+            act_k = L.act_group_k(lay, gs, K)
+            Cq = copies_for(q.numel())
+            qs = [q.clone() for _ in range(Cq)]
+            t_op = time_graph(lambda i: ops.linear_int8(x, qs[i], s, lay, g), Cq, reps)
+            t_aq = time_graph(lambda i: ops.quantize_int8_act(x, act_k), 1, reps)
+            xq, xs = ops.quantize_int8_act(x, act_k)
+
+            def gemm(qi):
+                y = torch.empty(M, N, dtype=torch.bfloat16, device=DEV)
+                ops._C.gemm_int8(xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
+                                 L.DTYPE_CODES[torch.bfloat16], M, N, K, xs.shape[1], gn, gk, 1,
+                                 torch.cuda.current_stream().cuda_stream, 1)
+                return y
+
+            t_cold = time_graph(lambda i: gemm(qs[i]), Cq, reps)
+            t_warm = time_graph(lambda i: gemm(qs[0]), 1, reps)
+            tops = 2 * M * N * K / (t_cold * 1e-3) / 1e12
+
+            def c(t):
+                return f"{t:.4f} ({t / t_bf16:.2f}x)"
+
+            print(f"| {K}, {N} | {lay} | {t_bf16:.4f} | {c(t_op)} | {c(t_aq)} | {c(t_cold)} | {c(t_warm)} "
+                  f"| {t_op - t_aq - t_cold:+.4f} | {tops:.0f} |", flush=True)
+            del qs
+        del w, x
+        torch.cuda.empty_cache()
+
+
+def ksweep(M: int, N: int, reps: int) -> None:
+    print(f"# K sweep, int8_row GEMM alone, M = {M}, N = {N} ({torch.cuda.get_device_name()})")
+    print("| K | ms | TOPS | us per 128x256 tile round |")
+    print("|---|---|---|---|")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rounds = math.ceil(math.ceil(M / 128) * math.ceil(N / 256) / sms)
+    for K in (128, 256, 512, 1024, 2048, 3072, 6144, 12288):
+        w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
+        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+        q, s = ops.quantize_int8(w, "int8_row", None)
+        xq, xs = ops.quantize_int8_act(x, K)
+        Cq = copies_for(q.numel())
+        qs = [q.clone() for _ in range(Cq)]
+
+        def gemm(qi):
+            y = torch.empty(M, N, dtype=torch.bfloat16, device=DEV)
+            ops._C.gemm_int8(xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
+                             L.DTYPE_CODES[torch.bfloat16], M, N, K, 1, 1, K, 1,
+                             torch.cuda.current_stream().cuda_stream, 1)
+            return y
+
+        t = time_graph(lambda i: gemm(qs[i]), Cq, reps)
+        print(f"| {K} | {t:.4f} | {2 * M * N * K / (t * 1e-3) / 1e12:.0f} | {1e3 * t / rounds:.2f} |", flush=True)
+        del qs, w, x
+
+
+if __name__ == "__main__":
+    main()
