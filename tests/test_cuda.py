@@ -328,6 +328,30 @@ def test_w8a8_linear(path, layout, group, dtype):
         assert rel_err(y, ref) < tol(dtype), (path, M, N, K)
 
 
+@pytest.mark.parametrize("layout,group", [("int8_row", None), ("int8_lode", 128), ("int8_lode", 256),
+                                          ("int8_block", 128)])
+def test_w8a8_wgmma_many_tiles_per_cta(layout, group):
+    """More tiles than SMs: the persistent wgmma kernel takes several tiles a CTA, its
+    stage and epilogue-buffer phases wrap; a partial last tile in N and M."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma kernel: sm_90 only")
+    M, N, K = 2100, 2300, 640
+    w = weight(N, K)
+    q, s = reference.quantize_int8(w, layout, group)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    bias = torch.randn(N, dtype=torch.bfloat16)
+    qd, sd, xd, bd = q.to(DEV), s.to(DEV), x.to(DEV), bias.to(DEV)
+    with variant("gemm_int8", GEMM_PATHS["generic"]):
+        ref = ops.linear_int8(xd, qd, sd, layout, group, bd)
+    poison()
+    with variant("gemm_int8", GEMM_PATHS["sm90"]):
+        y = ops.linear_int8(xd, qd, sd, layout, group, bd)
+    # same activation codes and int32 sums; only the float order of the scales differs
+    assert rel_err(y, ref) < tol(torch.bfloat16)
+    if layout == "int8_row":  # acc * (xs * ws) + bias in both: bit for bit
+        assert same_bits(y, ref)
+
+
 @pytest.mark.parametrize("layout,group", [("int8_row", None), ("int8_lode", 128), ("int8_block", 128)])
 def test_w8a8_generic_matches_cpu_bit_for_bit(layout, group):
     """The generic kernel does the reference's float32 operations in its order."""

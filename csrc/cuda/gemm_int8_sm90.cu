@@ -25,15 +25,20 @@ namespace cq {
 constexpr int SM90_BM = 128, SM90_BK = 128;
 
 template <int BN, bool PROMOTE> struct Sm90Cfg {
-    static constexpr int STAGES = PROMOTE ? 6 : 4;
+    /* 3 x 48 KB (row) / 5 x 32 KB (per-group scales) of stages leave room for a staging
+     * tile of y that is not in the ring, which the producer refills for the next tile
+     * while the consumers store this one */
+    static constexpr int STAGES = PROMOTE ? 5 : 3;
     static constexpr int A_BYTES = SM90_BM * SM90_BK;
     static constexpr int B_BYTES = BN * SM90_BK;
     static constexpr int WS_BYTES = PROMOTE ? BN * 4 : 0;
-    static constexpr int BARS_OFF = STAGES * (A_BYTES + B_BYTES + WS_BYTES);
-    /* the epilogue's per-column weight scales and bias and per-row token scales (float) */
-    static constexpr int EPI_OFF = BARS_OFF + 2 * STAGES * 8;
-    static constexpr int EPI_BYTES = (2 * BN + SM90_BM) * 4;
-    static constexpr int SMEM = 1024 + EPI_OFF + EPI_BYTES;
+    static constexpr int LD = BN * 2 + 16; /* bytes a staged row of y; padding spreads 8 rows over 32 banks */
+    static constexpr int STG_OFF = STAGES * (A_BYTES + B_BYTES + WS_BYTES);
+    /* two buffers of the epilogue's per-column weight scales and bias and per-row token scales */
+    static constexpr int EPI_FLOATS = 2 * BN + SM90_BM;
+    static constexpr int EPI_OFF = STG_OFF + SM90_BM * LD;
+    static constexpr int BARS_OFF = EPI_OFF + 2 * EPI_FLOATS * 4;
+    static constexpr int SMEM = 1024 + BARS_OFF + (2 * STAGES + 4) * 8;
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -143,33 +148,42 @@ __device__ __forceinline__ void cluster_sync_all() {
 #endif
 }
 
-/* MCAST: two CTAs of a cluster take neighbouring 128-row tiles of xq and the same BN
- * columns of wq; each loads its own A and one half of B, multicast to both, which halves
- * the L2 -> SM traffic of B. A stage is then refilled only after the consumers of both
- * CTAs released it (empty count 16). */
+/* Persistent: a CTA takes tiles tile0, tile0 + step, ... (M-tile fastest, so the CTAs
+ * at work together share B tiles in L2); the stage and barrier phases run on across
+ * tiles, so the producer loads the next tile's first stages while the consumers store
+ * this one. Producer warp 2 stages each tile's epilogue scales and bias in one of two
+ * shared-memory buffers (epi_full / epi_empty), away from the consumers' path.
+ * MCAST: two CTAs of a cluster take neighbouring 128-row tiles of xq and the same BN
+ * columns of wq, one tile each (grid = all tiles); each loads its own A and one half of
+ * B, multicast to both, which halves the L2 -> SM traffic of B. A stage is then refilled
+ * only after the consumers of both CTAs released it (empty count 16). */
 template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST>
 __global__ void __launch_bounds__(384, 1)
 gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmB,
                 const float *__restrict__ xs, const float *__restrict__ ws, const T *__restrict__ bias,
-                T *__restrict__ y, int64_t M, int64_t N, int64_t K, int64_t xs_groups, int64_t gn, int64_t gk) {
+                T *__restrict__ y, int64_t M, int64_t N, int64_t K, int64_t xs_groups, int64_t gn, int64_t gk,
+                int mt_eff, int ntiles) {
 #ifdef CQ_SM90_DEVICE
     using Cfg = Sm90Cfg<BN, PROMOTE>;
     constexpr int STAGES = Cfg::STAGES, A_BYTES = Cfg::A_BYTES, B_BYTES = Cfg::B_BYTES, HALF_B = BN / 2;
+    constexpr int LD = Cfg::LD, EPI_FLOATS = Cfg::EPI_FLOATS;
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = s_addr(smem_raw);
     const uint32_t base = (raw + 1023u) & ~1023u; /* swizzled tiles need 1024-byte alignment */
     uint8_t *gbase = smem_raw + (base - raw);     /* same offset in both CTAs: same dynamic smem layout */
     const uint32_t sA = base, sB = base + STAGES * A_BYTES;
     float *wsm = reinterpret_cast<float *>(gbase + STAGES * (A_BYTES + B_BYTES));
+    uint8_t *stg = gbase + Cfg::STG_OFF;
+    float *epi = reinterpret_cast<float *>(gbase + Cfg::EPI_OFF);
     const uint32_t bars = base + Cfg::BARS_OFF;
-    float *epi_ws = reinterpret_cast<float *>(gbase + Cfg::EPI_OFF), *epi_bias = epi_ws + BN,
-          *epi_xs = epi_bias + BN;
     auto full = [&](int s) { return bars + 8u * s; };
     auto empty = [&](int s) { return bars + 8u * (STAGES + s); };
+    auto epi_full = [&](int b) { return bars + 8u * (2 * STAGES + b); };
+    auto epi_empty = [&](int b) { return bars + 8u * (2 * STAGES + 2 + b); };
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = tid >> 5, lane = tid & 31;
     const uint32_t rank = MCAST ? blockIdx.x & 1u : 0u; /* cluster (2, 1, 1) */
-    const int64_t m0 = (int64_t)blockIdx.x * SM90_BM, n0 = (int64_t)blockIdx.y * BN;
+    const int tile0 = (int)(blockIdx.y * gridDim.x + blockIdx.x), step = (int)(gridDim.x * gridDim.y);
     const int ktiles = (int)((K + SM90_BK - 1) / SM90_BK);
     const int64_t kb = (K + gk - 1) / gk;
 
@@ -177,6 +191,10 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         for (int s = 0; s < STAGES; s++) {
             mbar_init(full(s), 1 + (PROMOTE ? 32 : 0));
             mbar_init(empty(s), MCAST ? 16 : 8);
+        }
+        for (int b = 0; b < 2; b++) {
+            mbar_init(epi_full(b), 32);
+            mbar_init(epi_empty(b), 256);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -188,63 +206,69 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (warp == 0 && lane == 0) {
-            for (int kt = 0; kt < ktiles; kt++) {
-                const int s = kt % STAGES;
-                const uint32_t ph = (uint32_t)(kt / STAGES) & 1u;
-                mbar_wait(empty(s), ph ^ 1u);
-                mbar_expect_tx(full(s), A_BYTES + B_BYTES);
-                tma_load_2d(sA + s * A_BYTES, &tmA, kt * SM90_BK, (int)m0, full(s));
-                if (MCAST)
-                    tma_load_2d_multicast(sB + s * B_BYTES + rank * HALF_B * SM90_BK, &tmB, kt * SM90_BK,
-                                          (int)(n0 + rank * HALF_B), full(s), (uint16_t)3);
-                else
-                    tma_load_2d(sB + s * B_BYTES, &tmB, kt * SM90_BK, (int)n0, full(s));
+            int it = 0;
+            for (int tile = tile0; tile < ntiles; tile += step) {
+                const int m0 = (tile % mt_eff) * SM90_BM, n0 = (tile / mt_eff) * BN;
+                for (int kt = 0; kt < ktiles; kt++, it++) {
+                    const int s = it % STAGES;
+                    mbar_wait(empty(s), ((uint32_t)(it / STAGES) & 1u) ^ 1u);
+                    mbar_expect_tx(full(s), A_BYTES + B_BYTES);
+                    tma_load_2d(sA + s * A_BYTES, &tmA, kt * SM90_BK, m0, full(s));
+                    if (MCAST)
+                        tma_load_2d_multicast(sB + s * B_BYTES + rank * HALF_B * SM90_BK, &tmB, kt * SM90_BK,
+                                              (int)(n0 + rank * HALF_B), full(s), (uint16_t)3);
+                    else
+                        tma_load_2d(sB + s * B_BYTES, &tmB, kt * SM90_BK, n0, full(s));
+                }
             }
         } else if (PROMOTE && warp == 1) {
-            const float *wcol[BN / 32]; /* this lane's columns' scale rows */
+            int it = 0;
+            for (int tile = tile0; tile < ntiles; tile += step) {
+                const int64_t n0 = (int64_t)(tile / mt_eff) * BN;
+                const float *wcol[BN / 32]; /* this lane's columns' scale rows */
 #pragma unroll
-            for (int i = 0; i < BN / 32; i++) {
-                const int64_t n = n0 + lane + 32 * i;
-                wcol[i] = n < N ? ws + (n / gn) * kb : nullptr;
-            }
-            int64_t g = 0, k_next = gk; /* K-group of tile kt, without a division a tile */
-            for (int kt = 0; kt < ktiles; kt++) {
-                const int s = kt % STAGES;
-                const uint32_t ph = (uint32_t)(kt / STAGES) & 1u;
-                if ((int64_t)kt * SM90_BK >= k_next) {
-                    g++;
-                    k_next += gk;
+                for (int i = 0; i < BN / 32; i++) {
+                    const int64_t n = n0 + lane + 32 * i;
+                    wcol[i] = n < N ? ws + (n / gn) * kb : nullptr;
                 }
-                mbar_wait(empty(s), ph ^ 1u);
+                int64_t g = 0, k_next = gk; /* K-group of tile kt, without a division a tile */
+                for (int kt = 0; kt < ktiles; kt++, it++) {
+                    const int s = it % STAGES;
+                    if ((int64_t)kt * SM90_BK >= k_next) {
+                        g++;
+                        k_next += gk;
+                    }
+                    mbar_wait(empty(s), ((uint32_t)(it / STAGES) & 1u) ^ 1u);
 #pragma unroll
-                for (int i = 0; i < BN / 32; i++)
-                    wsm[s * BN + lane + 32 * i] = wcol[i] ? __ldg(wcol[i] + g) : 0.0f;
-                mbar_arrive(full(s));
+                    for (int i = 0; i < BN / 32; i++)
+                        wsm[s * BN + lane + 32 * i] = wcol[i] ? __ldg(wcol[i] + g) : 0.0f;
+                    mbar_arrive(full(s));
+                }
+            }
+        } else if (warp == 2) {
+            int lt = 0;
+            for (int tile = tile0; tile < ntiles; tile += step, lt++) {
+                const int b = lt & 1;
+                const int64_t m0 = (int64_t)(tile % mt_eff) * SM90_BM, n0 = (int64_t)(tile / mt_eff) * BN;
+                mbar_wait(epi_empty(b), ((uint32_t)(lt >> 1) & 1u) ^ 1u);
+                float *e = epi + b * EPI_FLOATS;
+                for (int c = lane; c < BN; c += 32) {
+                    const int64_t n = n0 + c < N ? n0 + c : N - 1;
+                    e[c] = PROMOTE ? 1.0f : __ldg(ws + (gn == 1 ? n : n / gn));
+                    e[BN + c] = bias ? to_f32(bias[n]) : 0.0f;
+                }
+                for (int r = lane; r < SM90_BM; r += 32) {
+                    const int64_t m = m0 + r < M ? m0 + r : M - 1;
+                    e[2 * BN + r] = XS_GROUPED ? 1.0f : __ldg(xs + m * xs_groups);
+                }
+                mbar_arrive(epi_full(b));
             }
         }
         __syncwarp();
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
         const int cw = wg - 1, wl = warp & 3, t = lane & 3;
-        const int64_t row0 = m0 + cw * 64 + wl * 16 + (lane >> 2); /* and row0 + 8 */
-        const float *xs_row0 = xs + (row0 < M ? row0 : M - 1) * xs_groups;
-        const float *xs_row1 = xs + (row0 + 8 < M ? row0 + 8 : M - 1) * xs_groups;
-        /* The epilogue's scales and bias into shared memory now, while the first stages
-         * load: read from global in the epilogue, 64 dependent loads a thread behind 128
-         * live accumulators were issued a few at a time, an L2 latency each, ~10 us a
-         * tile (docs/CUDA_NOTES.md, run 10). Read after the epilogue's first barrier. */
-        {
-            const int ct = tid - 128;
-            if (ct < BN) {
-                const int64_t c = n0 + ct < N ? n0 + ct : N - 1;
-                epi_ws[ct] = PROMOTE ? 1.0f : __ldg(ws + (gn == 1 ? c : c / gn));
-                epi_bias[ct] = bias ? to_f32(bias[c]) : 0.0f;
-            }
-            if (ct < SM90_BM) {
-                const int64_t r = m0 + ct < M ? m0 + ct : M - 1;
-                epi_xs[ct] = XS_GROUPED ? 1.0f : __ldg(xs + r * xs_groups);
-            }
-        }
+        const int r0 = cw * 64 + wl * 16 + (lane >> 2); /* tile row of register set h = 0; and r0 + 8 */
         const int tiles_per_group = PROMOTE ? (int)(gk / SM90_BK) : 1;
         auto release = [&](int s) { /* this warp is done with stage s, in both CTAs */
             __syncwarp();
@@ -266,109 +290,120 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         };
         int acc[BN / 2];
         float accf[PROMOTE ? BN / 2 : 1];
-#pragma unroll
-        for (int i = 0; i < (PROMOTE ? BN / 2 : 1); i++)
-            accf[i] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < BN / 2; i++)
-            acc[i] = 0;
-
-        if constexpr (!PROMOTE) {
-            for (int kt = 0; kt < ktiles; kt++) {
-                const int s = kt % STAGES;
-                mbar_wait(full(s), (uint32_t)(kt / STAGES) & 1u);
-                issue(acc, s, kt > 0);
-                wgmma_wait<1>(); /* the previous tile's MMAs are done: release its stage */
-                fence_regs(acc);
-                if (kt > 0)
-                    release((kt - 1) % STAGES);
-            }
-            wgmma_wait<0>();
-            fence_regs(acc);
-        } else {
-            /* Promotion: at the end of each K-group the group's int32 sums become float32
-             * with its scale. A warpgroup waits for its own MMAs (ptxas serializes reads of
-             * accumulators while any wgmma is in flight, so no double buffering here); the
-             * other warpgroup's MMAs keep the tensor cores busy meanwhile. */
-            for (int kt = 0; kt < ktiles; kt++) {
-                const int s = kt % STAGES;
-                const int in_group = kt % tiles_per_group;
-                mbar_wait(full(s), (uint32_t)(kt / STAGES) & 1u);
-                issue(acc, s, in_group > 0);
+        const bool vec = (N & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15u) == 0;
+        int it = 0, lt = 0;
+        for (int tile = tile0; tile < ntiles; tile += step, lt++) {
+            const int64_t m0 = (int64_t)(tile % mt_eff) * SM90_BM, n0 = (int64_t)(tile / mt_eff) * BN;
+            if constexpr (!PROMOTE) {
+                int s = 0;
+                for (int kt = 0; kt < ktiles; kt++, it++) {
+                    s = it % STAGES;
+                    mbar_wait(full(s), (uint32_t)(it / STAGES) & 1u);
+                    issue(acc, s, kt > 0);
+                    wgmma_wait<1>(); /* the previous tile's MMAs are done: release its stage */
+                    fence_regs(acc);
+                    if (kt > 0)
+                        release((it - 1) % STAGES);
+                }
                 wgmma_wait<0>();
                 fence_regs(acc);
-                if (in_group == tiles_per_group - 1 || kt == ktiles - 1) {
+                release(s);
+            } else {
+                /* Promotion: at the end of each K-group the group's int32 sums become
+                 * float32 with its scale. A warpgroup waits for its own MMAs (ptxas
+                 * serializes reads of accumulators while any wgmma is in flight, so no
+                 * double buffering here); the other warpgroup's MMAs keep the tensor cores
+                 * busy meanwhile. */
+                const int64_t row0 = m0 + r0;
+                const float *xs_row0 = xs + (row0 < M ? row0 : M - 1) * xs_groups;
+                const float *xs_row1 = xs + (row0 + 8 < M ? row0 + 8 : M - 1) * xs_groups;
+#pragma unroll
+                for (int i = 0; i < BN / 2; i++)
+                    accf[i] = 0.0f;
+                for (int kt = 0; kt < ktiles; kt++, it++) {
+                    const int s = it % STAGES;
+                    const int in_group = kt % tiles_per_group;
+                    const bool last = in_group == tiles_per_group - 1 || kt == ktiles - 1;
                     float xg0 = 1.0f, xg1 = 1.0f;
-                    if constexpr (XS_GROUPED) {
+                    if (XS_GROUPED && last) { /* in flight while the MMAs run */
                         const int g = kt / tiles_per_group;
                         xg0 = __ldg(xs_row0 + g);
                         xg1 = __ldg(xs_row1 + g);
                     }
-                    const float *wst = wsm + s * BN;
+                    mbar_wait(full(s), (uint32_t)(it / STAGES) & 1u);
+                    issue(acc, s, in_group > 0);
+                    wgmma_wait<0>();
+                    fence_regs(acc);
+                    if (last) {
+                        const float *wst = wsm + s * BN;
 #pragma unroll
-                    for (int i = 0; i < BN / 8; i++) {
-                        const float2 w2 = *reinterpret_cast<const float2 *>(wst + 8 * i + 2 * t);
-                        const float s00 = XS_GROUPED ? xg0 * w2.x : w2.x, s01 = XS_GROUPED ? xg0 * w2.y : w2.y;
-                        const float s10 = XS_GROUPED ? xg1 * w2.x : w2.x, s11 = XS_GROUPED ? xg1 * w2.y : w2.y;
-                        accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], s00, accf[4 * i + 0]);
-                        accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], s01, accf[4 * i + 1]);
-                        accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], s10, accf[4 * i + 2]);
-                        accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], s11, accf[4 * i + 3]);
+                        for (int i = 0; i < BN / 8; i++) {
+                            const float2 w2 = *reinterpret_cast<const float2 *>(wst + 8 * i + 2 * t);
+                            const float s00 = XS_GROUPED ? xg0 * w2.x : w2.x, s01 = XS_GROUPED ? xg0 * w2.y : w2.y;
+                            const float s10 = XS_GROUPED ? xg1 * w2.x : w2.x, s11 = XS_GROUPED ? xg1 * w2.y : w2.y;
+                            accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], s00, accf[4 * i + 0]);
+                            accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], s01, accf[4 * i + 1]);
+                            accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], s10, accf[4 * i + 2]);
+                            accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], s11, accf[4 * i + 3]);
+                        }
                     }
+                    release(s);
                 }
-                release(s);
             }
-        }
 
-        /* Epilogue. Register 4i + 2h + e holds (row0 + 8h, n0 + 8i + 2t + e). The scaled
-         * tile goes through shared memory (the stage ring: every stage has been consumed
-         * once both consumer warpgroups get here) and leaves as rows of 16-byte stores,
-         * coalesced; stored straight from the accumulator layout, each warp store would
-         * touch 8 rows and the per-element bounds and scale loads cost several times the
-         * main loop of a K = 3072 tile (docs/CUDA_NOTES.md, run 10). */
-        consumers_sync();
-        constexpr int LD = BN * 2 + 16; /* bytes a staged row; the padding spreads 8 rows over 32 banks */
-        const int r0 = cw * 64 + wl * 16 + (lane >> 2); /* tile row of register set h = 0 */
-        const float x_s[2] = {epi_xs[r0], epi_xs[r0 + 8]};
+            /* Epilogue. Register 4i + 2h + e holds (r0 + 8h, 8i + 2t + e) of the tile. The
+             * scaled tile goes through shared memory and leaves as rows of 16-byte stores,
+             * coalesced (stored straight from the accumulator layout, each warp store
+             * touched 8 rows; with per-element bounds and scale loads that cost several
+             * times the main loop of a K = 3072 tile: docs/CUDA_NOTES.md, run 10). */
+            const int b = lt & 1;
+            const float *e = epi + b * EPI_FLOATS;
+            mbar_wait(epi_full(b), (uint32_t)(lt >> 1) & 1u);
+            consumers_sync(); /* every consumer is done copying the previous tile out of stg */
+            const float x_s[2] = {e[2 * BN + r0], e[2 * BN + r0 + 8]};
 #pragma unroll
-        for (int i = 0; i < BN / 8; i++) {
-            const int cl = 8 * i + 2 * t; /* tile column */
-            const float2 w_s = *reinterpret_cast<const float2 *>(epi_ws + cl);
-            const float2 b = *reinterpret_cast<const float2 *>(epi_bias + cl);
+            for (int i = 0; i < BN / 8; i++) {
+                const int cl = 8 * i + 2 * t; /* tile column */
+                const float2 w_s = *reinterpret_cast<const float2 *>(e + cl);
+                const float2 bb = *reinterpret_cast<const float2 *>(e + BN + cl);
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                float v[2];
+                for (int h = 0; h < 2; h++) {
+                    float v[2];
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    if constexpr (PROMOTE)
-                        v[e] = XS_GROUPED ? accf[4 * i + 2 * h + e] : accf[4 * i + 2 * h + e] * x_s[h];
-                    else
-                        v[e] = __fmul_rn((float)acc[4 * i + 2 * h + e], __fmul_rn(x_s[h], e ? w_s.y : w_s.x));
-                    if (bias)
-                        v[e] = __fadd_rn(v[e], e ? b.y : b.x);
+                    for (int q = 0; q < 2; q++) {
+                        if constexpr (PROMOTE)
+                            v[q] = XS_GROUPED ? accf[4 * i + 2 * h + q] : accf[4 * i + 2 * h + q] * x_s[h];
+                        else
+                            v[q] = __fmul_rn((float)acc[4 * i + 2 * h + q], __fmul_rn(x_s[h], q ? w_s.y : w_s.x));
+                        if (bias)
+                            v[q] = __fadd_rn(v[q], q ? bb.y : bb.x);
+                    }
+                    *reinterpret_cast<uint32_t *>(stg + (r0 + 8 * h) * LD + cl * 2) = pack2<T>(v[0], v[1]);
                 }
-                *reinterpret_cast<uint32_t *>(gbase + (r0 + 8 * h) * LD + cl * 2) = pack2<T>(v[0], v[1]);
             }
-        }
-        consumers_sync();
-        /* 16-byte pieces of the staged rows, a warp per 32 consecutive pieces */
-        constexpr int PIECES = BN / 8;
-        const bool vec = (N & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15u) == 0;
-        for (int c = tid - 128; c < SM90_BM * PIECES; c += 256) {
-            const int r = c / PIECES, j = c - r * PIECES;
-            const int64_t grow = m0 + r, gcol = n0 + 8 * j;
-            if (grow >= M || gcol >= N)
-                continue;
-            const uint4 piece = *reinterpret_cast<const uint4 *>(gbase + r * LD + j * 16);
-            T *dst = y + grow * N + gcol;
-            if (vec && gcol + 8 <= N) {
-                *reinterpret_cast<uint4 *>(dst) = piece;
-            } else {
-                const T *src = reinterpret_cast<const T *>(&piece);
+            mbar_arrive(epi_empty(b));
+            consumers_sync();
+            /* 16-byte pieces of the staged rows, a warp per 32 consecutive pieces */
+            constexpr int PIECES = BN / 8;
+            for (int c = tid - 128; c < SM90_BM * PIECES; c += 256) {
+                const int r = c / PIECES, j = c - r * PIECES;
+                const int64_t grow = m0 + r, gcol = n0 + 8 * j;
+                if (grow >= M || gcol >= N)
+                    continue;
+                const uint4 piece = *reinterpret_cast<const uint4 *>(stg + r * LD + j * 16);
+                T *dst = y + grow * N + gcol;
+                if (vec && gcol + 8 <= N) {
+                    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(piece.x),
+                                 "r"(piece.y), "r"(piece.z), "r"(piece.w)
+                                 : "memory");
+                } else {
+                    const uint32_t words[4] = {piece.x, piece.y, piece.z, piece.w};
+                    uint16_t *d16 = reinterpret_cast<uint16_t *>(dst);
 #pragma unroll
-                for (int e = 0; e < 8; e++)
-                    if (gcol + e < N)
-                        dst[e] = src[e];
+                    for (int q = 0; q < 8; q++)
+                        if (gcol + q < N)
+                            d16[q] = (uint16_t)(words[q >> 1] >> (16 * (q & 1)));
+                }
             }
         }
     }
@@ -417,7 +452,7 @@ static int make_map(CUtensorMap *map, const int8_t *p, int64_t rows, int64_t K, 
 }
 
 template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST>
-static int run_wgmma(const GemmInt8Args<T> &a, cudaStream_t stream) {
+static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
     using Cfg = Sm90Cfg<BN, PROMOTE>;
     auto kernel = gemm_int8_wgmma<T, BN, PROMOTE, XS_GROUPED, MCAST>;
     static unsigned long long smem_set; /* bit per device (raise_smem_limit) */
@@ -431,9 +466,12 @@ static int run_wgmma(const GemmInt8Args<T> &a, cudaStream_t stream) {
         st = make_map(&mb, a.wq, a.N, a.K, MCAST ? BN / 2 : BN); /* with multicast each CTA of a pair loads half of B */
     if (st)
         return st;
-    const unsigned mt = (unsigned)((a.M + SM90_BM - 1) / SM90_BM);
+    const unsigned mt = (unsigned)((a.M + SM90_BM - 1) / SM90_BM), nt = (unsigned)((a.N + BN - 1) / BN);
+    const unsigned mt_eff = MCAST ? mt + (mt & 1u) : mt; /* whole pairs */
+    const int ntiles = (int)(mt_eff * nt);
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(MCAST ? mt + (mt & 1u) : mt, (unsigned)((a.N + BN - 1) / BN), 1); /* whole pairs */
+    /* multicast: a CTA a tile; else one persistent CTA an SM */
+    cfg.gridDim = MCAST ? dim3(mt_eff, nt, 1) : dim3((unsigned)(ntiles < sms ? ntiles : sms), 1, 1);
     cfg.blockDim = dim3(384, 1, 1);
     cfg.dynamicSmemBytes = Cfg::SMEM;
     cfg.stream = stream;
@@ -445,7 +483,7 @@ static int run_wgmma(const GemmInt8Args<T> &a, cudaStream_t stream) {
     cfg.attrs = attr;
     cfg.numAttrs = MCAST ? 1 : 0;
     CQ_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, ma, mb, a.xs, a.ws, a.bias, a.y, a.M, a.N, a.K, a.xs_groups, a.gn,
-                                   a.gk),
+                                   a.gk, (int)mt_eff, ntiles),
                 "gemm_int8 (sm90)");
     return check_launch("gemm_int8 (sm90)");
 }
@@ -453,12 +491,12 @@ static int run_wgmma(const GemmInt8Args<T> &a, cudaStream_t stream) {
 bool gemm_int8_sm90_supported(int64_t M, int64_t N, int64_t K, int64_t gk) {
     /* TMA: 16-byte row strides, int32 coordinates; int32 sums: 127^2 K < 2^31 */
     return K % 16 == 0 && K <= 131072 && M < INT32_MAX && N < INT32_MAX && (M + SM90_BM - 1) / SM90_BM <= INT32_MAX &&
-           (N + 127) / 128 <= 65535 && (gk >= K || gk % SM90_BK == 0);
+           (N + 127) / 128 <= 65535 && ((M + SM90_BM - 1) / SM90_BM + 1) * ((N + 127) / 128) < INT32_MAX &&
+           (gk >= K || gk % SM90_BK == 0);
 }
 
 template <typename T>
 int gemm_int8_sm90(const DeviceInfo &dev, const GemmInt8Args<T> &a, cudaStream_t stream) {
-    (void)dev;
     if constexpr (sizeof(T) != 2) {
         return CQ_EUNSUPPORTED;
     } else {
@@ -466,16 +504,16 @@ int gemm_int8_sm90(const DeviceInfo &dev, const GemmInt8Args<T> &a, cudaStream_t
          * on H100/H200 (docs/CUDA_NOTES.md), so one CTA per tile is the default */
         if (knob(KNOB_GEMM_INT8) == 5) {
             if (a.gk >= a.K)
-                return run_wgmma<T, 256, false, false, true>(a, stream);
+                return run_wgmma<T, 256, false, false, true>(a, dev.sms, stream);
             if (a.xs_groups > 1)
-                return run_wgmma<T, 128, true, true, true>(a, stream);
-            return run_wgmma<T, 128, true, false, true>(a, stream);
+                return run_wgmma<T, 128, true, true, true>(a, dev.sms, stream);
+            return run_wgmma<T, 128, true, false, true>(a, dev.sms, stream);
         }
         if (a.gk >= a.K)
-            return run_wgmma<T, 256, false, false, false>(a, stream);
+            return run_wgmma<T, 256, false, false, false>(a, dev.sms, stream);
         if (a.xs_groups > 1)
-            return run_wgmma<T, 128, true, true, false>(a, stream);
-        return run_wgmma<T, 128, true, false, false>(a, stream);
+            return run_wgmma<T, 128, true, true, false>(a, dev.sms, stream);
+        return run_wgmma<T, 128, true, false, false>(a, dev.sms, stream);
     }
 }
 
