@@ -330,12 +330,13 @@ def test_w8a8_linear(path, layout, group, dtype):
 
 @pytest.mark.parametrize("layout,group", [("int8_row", None), ("int8_lode", 128), ("int8_lode", 256),
                                           ("int8_block", 128)])
-def test_w8a8_wgmma_many_tiles_per_cta(layout, group):
+@pytest.mark.parametrize("N", [2304, 2300])  # y by bulk tensor stores / by the consumers (N % 8 != 0)
+def test_w8a8_wgmma_many_tiles_per_cta(layout, group, N):
     """More tiles than SMs: the persistent wgmma kernel takes several tiles a CTA, its
-    stage and epilogue-buffer phases wrap; a partial last tile in N and M."""
+    stage and epilogue-buffer phases wrap; partial last tiles in N and M."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("wgmma kernel: sm_90 only")
-    M, N, K = 2100, 2300, 640
+    M, K = 2100, 640
     w = weight(N, K)
     q, s = reference.quantize_int8(w, layout, group)
     x = torch.randn(M, K, dtype=torch.bfloat16)

@@ -13,6 +13,9 @@
  * Built only into the sm_90a image (CQ_HAVE_SM90A, set by setup.py when 90a is a
  * target); the dispatcher calls it only on a compute-capability-9.0 device. */
 #include <cuda.h>
+#include <string.h>
+
+#include <type_traits>
 #include <cudaTypedefs.h>
 
 #include "gemm_int8.cuh"
@@ -32,11 +35,12 @@ template <int BN, bool PROMOTE> struct Sm90Cfg {
     static constexpr int A_BYTES = SM90_BM * SM90_BK;
     static constexpr int B_BYTES = BN * SM90_BK;
     static constexpr int WS_BYTES = PROMOTE ? BN * 4 : 0;
-    static constexpr int LD = BN * 2 + 16; /* bytes a staged row of y; padding spreads 8 rows over 32 banks */
-    static constexpr int STG_OFF = STAGES * (A_BYTES + B_BYTES + WS_BYTES);
+    /* y staged as BN / 64 boxes of 128 rows x 128 bytes, 128-byte swizzle (the bulk tensor
+     * store's layout; conflict-free for the accumulator layout's 4-byte stores) */
+    static constexpr int STG_OFF = (STAGES * (A_BYTES + B_BYTES + WS_BYTES) + 1023) / 1024 * 1024;
     /* two buffers of the epilogue's per-column weight scales and bias and per-row token scales */
     static constexpr int EPI_FLOATS = 2 * BN + SM90_BM;
-    static constexpr int EPI_OFF = STG_OFF + SM90_BM * LD;
+    static constexpr int EPI_OFF = STG_OFF + SM90_BM * BN * 2;
     static constexpr int BARS_OFF = EPI_OFF + 2 * EPI_FLOATS * 4;
     static constexpr int SMEM = 1024 + BARS_OFF + (2 * STAGES + 4) * 8;
 };
@@ -104,6 +108,43 @@ template <int R> __device__ __forceinline__ void fence_regs(int (&d)[R]) {
         asm volatile("" : "+r"(d[i])::"memory");
 }
 
+/* shared -> global by the bulk tensor copy engine (asynchronous; bulk_group completion) */
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap *map, uint32_t src, int c0, int c1) {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(
+                     reinterpret_cast<uint64_t>(map)),
+                 "r"(src), "r"(c0), "r"(c1)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+/* this thread's bulk stores have read their shared memory (it may be written again) */
+__device__ __forceinline__ void bulk_wait_read() {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_wait_all() {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#endif
+}
+/* this thread's shared-memory writes, visible to the bulk copy engine */
+__device__ __forceinline__ void fence_async_shared() {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+/* byte offset of y's (row r, column c) in the staged tile (Sm90Cfg: 64-column boxes,
+ * 128-byte rows, 16-byte chunks swizzled by r % 8) */
+__device__ __forceinline__ int stg_offset(int r, int c) {
+    return (c >> 6) * (SM90_BM * 128) + r * 128 + ((((c & 63) >> 3) ^ (r & 7)) << 4) + ((c & 7) << 1);
+}
+
 /* the two consumer warpgroups (threads 128..383) only */
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 
@@ -160,13 +201,13 @@ __device__ __forceinline__ void cluster_sync_all() {
 template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST>
 __global__ void __launch_bounds__(384, 1)
 gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmB,
-                const float *__restrict__ xs, const float *__restrict__ ws, const T *__restrict__ bias,
-                T *__restrict__ y, int64_t M, int64_t N, int64_t K, int64_t xs_groups, int64_t gn, int64_t gk,
-                int mt_eff, int ntiles) {
+                const __grid_constant__ CUtensorMap tmY, const float *__restrict__ xs, const float *__restrict__ ws,
+                const T *__restrict__ bias, T *__restrict__ y, int64_t M, int64_t N, int64_t K, int64_t xs_groups,
+                int64_t gn, int64_t gk, int mt_eff, int ntiles, int y_bulk) {
 #ifdef CQ_SM90_DEVICE
     using Cfg = Sm90Cfg<BN, PROMOTE>;
     constexpr int STAGES = Cfg::STAGES, A_BYTES = Cfg::A_BYTES, B_BYTES = Cfg::B_BYTES, HALF_B = BN / 2;
-    constexpr int LD = Cfg::LD, EPI_FLOATS = Cfg::EPI_FLOATS;
+    constexpr int EPI_FLOATS = Cfg::EPI_FLOATS;
     extern __shared__ uint8_t smem_raw[];
     const uint32_t raw = s_addr(smem_raw);
     const uint32_t base = (raw + 1023u) & ~1023u; /* swizzled tiles need 1024-byte alignment */
@@ -174,6 +215,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
     const uint32_t sA = base, sB = base + STAGES * A_BYTES;
     float *wsm = reinterpret_cast<float *>(gbase + STAGES * (A_BYTES + B_BYTES));
     uint8_t *stg = gbase + Cfg::STG_OFF;
+    const uint32_t stg_s = base + Cfg::STG_OFF;
     float *epi = reinterpret_cast<float *>(gbase + Cfg::EPI_OFF);
     const uint32_t bars = base + Cfg::BARS_OFF;
     auto full = [&](int s) { return bars + 8u * s; };
@@ -291,6 +333,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         int acc[BN / 2];
         float accf[PROMOTE ? BN / 2 : 1];
         const bool vec = (N & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15u) == 0;
+        const bool storer = tid == 128; /* issues the bulk stores of y and waits for them */
         int it = 0, lt = 0;
         for (int tile = tile0; tile < ntiles; tile += step, lt++) {
             const int64_t m0 = (int64_t)(tile % mt_eff) * SM90_BM, n0 = (int64_t)(tile / mt_eff) * BN;
@@ -352,14 +395,16 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
             }
 
             /* Epilogue. Register 4i + 2h + e holds (r0 + 8h, 8i + 2t + e) of the tile. The
-             * scaled tile goes through shared memory and leaves as rows of 16-byte stores,
-             * coalesced (stored straight from the accumulator layout, each warp store
-             * touched 8 rows; with per-element bounds and scale loads that cost several
-             * times the main loop of a K = 3072 tile: docs/CUDA_NOTES.md, run 10). */
+             * scaled tile is staged in shared memory, then the bulk copy engine stores it
+             * while the consumers go on to the next tile's MMAs. (Stored by the consumers,
+             * all CTAs stored at once and the tensor cores waited: at ~2 TB/s of writes
+             * that was ~4 us a tile round: docs/CUDA_NOTES.md, run 10.) */
             const int b = lt & 1;
             const float *e = epi + b * EPI_FLOATS;
             mbar_wait(epi_full(b), (uint32_t)(lt >> 1) & 1u);
-            consumers_sync(); /* every consumer is done copying the previous tile out of stg */
+            if (storer)
+                bulk_wait_read(); /* the previous tile's store has left stg */
+            consumers_sync();     /* ... and every consumer has copied it out (no-bulk path) */
             const float x_s[2] = {e[2 * BN + r0], e[2 * BN + r0 + 8]};
 #pragma unroll
             for (int i = 0; i < BN / 8; i++) {
@@ -378,34 +423,47 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                         if (bias)
                             v[q] = __fadd_rn(v[q], q ? bb.y : bb.x);
                     }
-                    *reinterpret_cast<uint32_t *>(stg + (r0 + 8 * h) * LD + cl * 2) = pack2<T>(v[0], v[1]);
+                    *reinterpret_cast<uint32_t *>(stg + stg_offset(r0 + 8 * h, cl)) = pack2<T>(v[0], v[1]);
                 }
             }
             mbar_arrive(epi_empty(b));
+            fence_async_shared();
             consumers_sync();
-            /* 16-byte pieces of the staged rows, a warp per 32 consecutive pieces */
-            constexpr int PIECES = BN / 8;
-            for (int c = tid - 128; c < SM90_BM * PIECES; c += 256) {
-                const int r = c / PIECES, j = c - r * PIECES;
-                const int64_t grow = m0 + r, gcol = n0 + 8 * j;
-                if (grow >= M || gcol >= N)
-                    continue;
-                const uint4 piece = *reinterpret_cast<const uint4 *>(stg + r * LD + j * 16);
-                T *dst = y + grow * N + gcol;
-                if (vec && gcol + 8 <= N) {
-                    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(piece.x),
-                                 "r"(piece.y), "r"(piece.z), "r"(piece.w)
-                                 : "memory");
-                } else {
-                    const uint32_t words[4] = {piece.x, piece.y, piece.z, piece.w};
-                    uint16_t *d16 = reinterpret_cast<uint16_t *>(dst);
+            if (y_bulk) { /* the tensor map clips rows >= M and columns >= N */
+                if (storer) {
 #pragma unroll
-                    for (int q = 0; q < 8; q++)
-                        if (gcol + q < N)
-                            d16[q] = (uint16_t)(words[q >> 1] >> (16 * (q & 1)));
+                    for (int box = 0; box < BN / 64; box++)
+                        if (n0 + 64 * box < N)
+                            tma_store_2d(&tmY, stg_s + box * (SM90_BM * 128), (int)(n0 + 64 * box), (int)m0);
+                    bulk_commit();
+                }
+            } else {
+                /* 16-byte pieces of the staged rows, a warp per 32 consecutive pieces */
+                constexpr int PIECES = BN / 8;
+                for (int c = tid - 128; c < SM90_BM * PIECES; c += 256) {
+                    const int r = c / PIECES, j = c - r * PIECES;
+                    const int64_t grow = m0 + r, gcol = n0 + 8 * j;
+                    if (grow >= M || gcol >= N)
+                        continue;
+                    const uint4 piece = *reinterpret_cast<const uint4 *>(stg + stg_offset(r, 8 * j));
+                    T *dst = y + grow * N + gcol;
+                    if (vec && gcol + 8 <= N) {
+                        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(piece.x),
+                                     "r"(piece.y), "r"(piece.z), "r"(piece.w)
+                                     : "memory");
+                    } else {
+                        const uint32_t words[4] = {piece.x, piece.y, piece.z, piece.w};
+                        uint16_t *d16 = reinterpret_cast<uint16_t *>(dst);
+#pragma unroll
+                        for (int q = 0; q < 8; q++)
+                            if (gcol + q < N)
+                                d16[q] = (uint16_t)(words[q >> 1] >> (16 * (q & 1)));
+                    }
                 }
             }
         }
+        if (storer)
+            bulk_wait_all(); /* stg must outlive the last store */
     }
     /* the peer may still arrive on this CTA's barriers: leave together */
     if (MCAST) {
@@ -451,6 +509,29 @@ static int make_map(CUtensorMap *map, const int8_t *p, int64_t rows, int64_t K, 
     return CQ_OK;
 }
 
+/* y [M, N] 16-bit, row-major: boxes of 128 rows x 64 columns (128 bytes), 128-byte
+ * swizzle, for the bulk stores of the epilogue; needs 16-byte row strides and base */
+template <typename T> static int make_map_y(CUtensorMap *map, T *y, int64_t M, int64_t N) {
+    PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+    if (!encode) {
+        set_error_msg("gemm_int8 (sm90)", "the driver has no cuTensorMapEncodeTiled");
+        return CQ_ECUDA;
+    }
+    cuuint64_t dims[2] = {(cuuint64_t)N, (cuuint64_t)M};
+    cuuint64_t strides[1] = {(cuuint64_t)N * 2};
+    cuuint32_t box[2] = {64, (cuuint32_t)SM90_BM};
+    cuuint32_t elem[2] = {1, 1};
+    const CUtensorMapDataType dt =
+        std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    CUresult r = encode(map, dt, 2, static_cast<void *>(y), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        set_error_msg("gemm_int8 (sm90)", "cuTensorMapEncodeTiled failed (y)");
+        return CQ_ECUDA;
+    }
+    return CQ_OK;
+}
+
 template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST>
 static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
     using Cfg = Sm90Cfg<BN, PROMOTE>;
@@ -465,6 +546,11 @@ static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
     if (!st)
         st = make_map(&mb, a.wq, a.N, a.K, MCAST ? BN / 2 : BN); /* with multicast each CTA of a pair loads half of B */
     if (st)
+        return st;
+    CUtensorMap my;
+    memset(&my, 0, sizeof(my));
+    const int y_bulk = a.N % 8 == 0 && (reinterpret_cast<uintptr_t>(a.y) & 15u) == 0;
+    if (y_bulk && (st = make_map_y<T>(&my, a.y, a.M, a.N)) != CQ_OK)
         return st;
     const unsigned mt = (unsigned)((a.M + SM90_BM - 1) / SM90_BM), nt = (unsigned)((a.N + BN - 1) / BN);
     const unsigned mt_eff = MCAST ? mt + (mt & 1u) : mt; /* whole pairs */
@@ -482,8 +568,8 @@ static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
     cfg.numAttrs = MCAST ? 1 : 0;
-    CQ_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, ma, mb, a.xs, a.ws, a.bias, a.y, a.M, a.N, a.K, a.xs_groups, a.gn,
-                                   a.gk, (int)mt_eff, ntiles),
+    CQ_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, ma, mb, my, a.xs, a.ws, a.bias, a.y, a.M, a.N, a.K, a.xs_groups,
+                                   a.gn, a.gk, (int)mt_eff, ntiles, y_bulk),
                 "gemm_int8 (sm90)");
     return check_launch("gemm_int8 (sm90)");
 }
