@@ -294,6 +294,28 @@ def test_int8_activation_quantize_bit_exact(group_k, K, dtype):
     assert same_bits(got[0], ref[0]) and same_bits(got[1], ref[1])
 
 
+def test_int8_quantize_near_ties_bit_exact():
+    """Values at and a few ulp around (k + 1/2) * scale: where x * (1 / scale) and the
+    IEEE quotient x / scale may round to different integers (the kernels divide there)."""
+    rows = []
+    for amax in (1.0, 3.7, 1e-3, 5e4, 2.5e-36, 1e-37):  # the last: a subnormal scale
+        scale = torch.tensor(amax, dtype=torch.float32) / 127
+        mid = (torch.arange(-127, 127, dtype=torch.float32) + 0.5) * scale
+        vals = [mid]
+        up, down = mid, mid
+        for _ in range(3):
+            up, down = torch.nextafter(up, up + 1), torch.nextafter(down, down - 1)
+            vals += [up, down]
+        row = torch.cat(vals).clamp(-amax, amax)
+        row = torch.cat([row, torch.tensor([amax]), torch.zeros(2048 - row.numel() - 1)])
+        rows.append(row)
+    x = torch.stack(rows)
+    for got, ref in ((ops.quantize_int8_act(x.to(DEV), 2048), reference.quantize_int8_act(x, 2048)),
+                     (ops.quantize_int8_act(x.bfloat16().to(DEV), 2048), reference.quantize_int8_act(x.bfloat16(), 2048)),
+                     (ops.quantize_int8(x.to(DEV), "int8_row", None), reference.quantize_int8(x, "int8_row", None))):
+        assert same_bits(got[1], ref[1]) and same_bits(got[0], ref[0])
+
+
 def test_int8_quantize_rejects_nonfinite():
     w = torch.randn(8, 256, device=DEV)
     w[3, 7] = float("inf")
@@ -375,6 +397,28 @@ def test_int8_weight_only(M):
     ref = reference.linear_int8(x.float(), q, s, "int8_lode", 64, act_quant=False)
     y = ops.linear_int8(x.to(DEV), q.to(DEV), s.to(DEV), "int8_lode", 64, act_quant=False)
     assert rel_err(y, ref) < tol(torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("tokens", [8, 600])  # the fused kernels / dequantize + the compiler's GEMM
+def test_torch_compile_inductor_matches_eager(tokens):
+    """Our ops under torch.compile (inductor, fullgraph) on the GPU: the fused kernels
+    for few tokens, and above the fused range our dequantize feeding inductor's GEMM."""
+    torch._dynamo.reset()
+    N, K = 192, 256
+    w = weight(N, K).to(DEV)
+    p, a = ops.quantize_4bit(w, "nf4", 64)
+    q, s = ops.quantize_int8(w, "int8_row", None)
+    b = torch.randn(N, device=DEV, dtype=torch.bfloat16)
+
+    def block(x):
+        h = ops.linear_4bit(x, p, a, "nf4", 64, (N, K), b)
+        h = h + ops.linear_int8(x, q, s, "int8_row", None, b, act_quant=False)
+        return torch.nn.functional.gelu(h + ops.linear_int8(x, q, s, "int8_row", None, None, act_quant=True))
+
+    x = torch.randn(2, tokens // 2, K, device=DEV, dtype=torch.bfloat16)
+    compiled = torch.compile(block, fullgraph=True)
+    assert rel_err(compiled(x), block(x)) < tol(torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- graphs

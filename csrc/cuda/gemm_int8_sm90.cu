@@ -31,7 +31,7 @@ template <int BN, bool PROMOTE> struct Sm90Cfg {
     /* 3 x 48 KB (row) / 5 x 32 KB (per-group scales) of stages leave room for a staging
      * tile of y that is not in the ring, which the producer refills for the next tile
      * while the consumers store this one */
-    static constexpr int STAGES = PROMOTE ? 5 : 3;
+    static constexpr int STAGES = PROMOTE ? (BN > 128 ? 4 : 5) : 3;
     static constexpr int A_BYTES = SM90_BM * SM90_BK;
     static constexpr int B_BYTES = BN * SM90_BK;
     static constexpr int WS_BYTES = PROMOTE ? BN * 4 : 0;
@@ -157,6 +157,9 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
 template <int BN> __device__ __forceinline__ void wgmma_tile(int (&d)[BN / 2], uint64_t da, uint64_t db, int scale_d);
 template <> __device__ __forceinline__ void wgmma_tile<128>(int (&d)[64], uint64_t da, uint64_t db, int scale_d) {
     wgmma_m64n128k32_s8(d, da, db, scale_d);
+}
+template <> __device__ __forceinline__ void wgmma_tile<192>(int (&d)[96], uint64_t da, uint64_t db, int scale_d) {
+    wgmma_m64n192k32_s8(d, da, db, scale_d);
 }
 template <> __device__ __forceinline__ void wgmma_tile<256>(int (&d)[128], uint64_t da, uint64_t db, int scale_d) {
     wgmma_m64n256k32_s8(d, da, db, scale_d);
@@ -597,9 +600,12 @@ int gemm_int8_sm90(const DeviceInfo &dev, const GemmInt8Args<T> &a, cudaStream_t
         }
         if (a.gk >= a.K)
             return run_wgmma<T, 256, false, false, false>(a, dev.sms, stream);
+        /* per-group scales: 192-wide tiles (two 96-register accumulator sets a thread,
+         * int32 and promoted float32; the promotion's share of a tile is a third smaller
+         * than at 128: docs/CUDA_NOTES.md, run 11) */
         if (a.xs_groups > 1)
-            return run_wgmma<T, 128, true, true, false>(a, dev.sms, stream);
-        return run_wgmma<T, 128, true, false, false>(a, dev.sms, stream);
+            return run_wgmma<T, 192, true, true, false>(a, dev.sms, stream);
+        return run_wgmma<T, 192, true, false, false>(a, dev.sms, stream);
     }
 }
 
