@@ -1,15 +1,21 @@
 /* gemm_int8_sm90.cu: W8A8 GEMM on Hopper (sm_90a) int8 tensor cores (gemm_int8.cu has
- * the contract). One CTA computes a 128 x BN tile of y with three warpgroups:
+ * the contract). A CTA computes 128 x BN tiles of y (BN = 256 for one K-group, 192 for
+ * per-group scales), one after another (persistent: one CTA an SM), with three
+ * warpgroups:
  *   warpgroup 0, the producer: one thread streams 128 x 128 tiles of xq and BN x 128
  *     tiles of wq (K-major, 128-byte swizzle) through the bulk tensor copy engine into
- *     a ring of shared-memory stages, each guarded by a full and an empty mbarrier;
- *     with per-K-group scales, warp 1 also copies the stage's BN weight scales;
+ *     a ring of shared-memory stages, each guarded by a full and an empty mbarrier, and
+ *     runs on into the next tile while the consumers finish this one; with per-K-group
+ *     scales, warp 1 also copies each stage's BN weight scales; warp 2 stages each
+ *     tile's epilogue scales and bias in shared memory (two buffers);
  *   warpgroups 1 and 2, the consumers: 64 rows each, wgmma m64nBNk32 s8 -> s32 from
  *     shared memory. One K-group (int8_tensorwise): int32 over all K, scales in the
  *     epilogue. Several K-groups (lodewise, blockwise, group a multiple of 128): the
  *     group's int32 sum is converted and added into float32 accumulators with its
  *     scale ("promotion"); the two consumers drift apart, so one promotes while the
- *     other's wgmma runs.
+ *     other's wgmma runs. The epilogue scales the tile into a swizzled staging tile in
+ *     shared memory, and the bulk copy engine stores it while the consumers start the
+ *     next tile.
  * Built only into the sm_90a image (CQ_HAVE_SM90A, set by setup.py when 90a is a
  * target); the dispatcher calls it only on a compute-capability-9.0 device. */
 #include <cuda.h>
