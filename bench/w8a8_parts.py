@@ -33,6 +33,21 @@ from gpu_ops import DEV, SHAPES, copies_for, time_graph  # noqa: E402
 GROUPS = {"int8_row": None, "int8_lode": 128, "int8_block": 128}
 
 
+def gemm_alone(xq, xs, s, N: int, gn: int, gk: int):
+    """The int8 GEMM of ops.linear_int8 without its activation quantize: qi -> y [M, N]
+    bf16 from ready xq [M, K] / xs and the weight's scales s."""
+    M, K = xq.shape
+
+    def gemm(qi):
+        y = torch.empty(M, N, dtype=torch.bfloat16, device=DEV)
+        ops._C.gemm_int8(xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
+                         L.DTYPE_CODES[torch.bfloat16], M, N, K, xs.shape[1], gn, gk, 1,
+                         torch.cuda.current_stream().cuda_stream, 1)
+        return y
+
+    return gemm
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", type=int, default=4608)
@@ -65,14 +80,7 @@ def main() -> None:
             t_op = time_graph(lambda i: ops.linear_int8(x, qs[i], s, lay, g), Cq, reps)
             t_aq = time_graph(lambda i: ops.quantize_int8_act(x, act_k), 1, reps)
             xq, xs = ops.quantize_int8_act(x, act_k)
-
-            def gemm(qi):
-                y = torch.empty(M, N, dtype=torch.bfloat16, device=DEV)
-                ops._C.gemm_int8(xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
-                                 L.DTYPE_CODES[torch.bfloat16], M, N, K, xs.shape[1], gn, gk, 1,
-                                 torch.cuda.current_stream().cuda_stream, 1)
-                return y
-
+            gemm = gemm_alone(xq, xs, s, N, gn, gk)
             t_cold = time_graph(lambda i: gemm(qs[i]), Cq, reps)
             t_warm = time_graph(lambda i: gemm(qs[0]), 1, reps)
             tops = 2 * M * N * K / (t_cold * 1e-3) / 1e12
@@ -100,14 +108,7 @@ def ksweep(M: int, N: int, reps: int) -> None:
         xq, xs = ops.quantize_int8_act(x, K)
         Cq = copies_for(q.numel())
         qs = [q.clone() for _ in range(Cq)]
-
-        def gemm(qi):
-            y = torch.empty(M, N, dtype=torch.bfloat16, device=DEV)
-            ops._C.gemm_int8(xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
-                             L.DTYPE_CODES[torch.bfloat16], M, N, K, 1, 1, K, 1,
-                             torch.cuda.current_stream().cuda_stream, 1)
-            return y
-
+        gemm = gemm_alone(xq, xs, s, N, 1, K)
         t = time_graph(lambda i: gemm(qs[i]), Cq, reps)
         print(f"| {K} | {t:.4f} | {2 * M * N * K / (t * 1e-3) / 1e12:.0f} | {1e3 * t / rounds:.2f} |", flush=True)
         del qs, w, x
