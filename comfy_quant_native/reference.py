@@ -34,6 +34,13 @@ def _tables(codebook: str):
 
 
 def _table_on(codebook: str, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return _tables_on_device(codebook, torch.device(device))
+
+
+@lru_cache(maxsize=None)
+def _tables_on_device(codebook: str, device: torch.device):
+    """Once per device, not a host-to-device copy a call (which also kept the reference
+    ops out of CUDA graphs)."""
     table, mids, magcode = _tables(codebook)
     return (
         table.to(device),
