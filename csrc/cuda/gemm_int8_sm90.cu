@@ -34,9 +34,9 @@ namespace cq {
 constexpr int SM90_BM = 128, SM90_BK = 128;
 
 template <int BN, bool PROMOTE> struct Sm90Cfg {
-    /* 3 x 48 KB (row) / 5 x 32 KB (per-group scales) of stages leave room for a staging
-     * tile of y that is not in the ring, which the producer refills for the next tile
-     * while the consumers store this one */
+    /* 3 x 48 KB (row), 4 x 40 KB (per-group scales, 192 wide) or 5 x 32 KB (128 wide) of
+     * stages leave room for a staging tile of y that is not in the ring, which the
+     * producer refills for the next tile while the consumers store this one */
     static constexpr int STAGES = PROMOTE ? (BN > 128 ? 4 : 5) : 3;
     static constexpr int A_BYTES = SM90_BM * SM90_BK;
     static constexpr int B_BYTES = BN * SM90_BK;
@@ -235,6 +235,11 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
     const int tid = threadIdx.x, wg = tid >> 7, warp = tid >> 5, lane = tid & 31;
     const uint32_t rank = MCAST ? blockIdx.x & 1u : 0u; /* cluster (2, 1, 1) */
     const int tile0 = (int)(blockIdx.y * gridDim.x + blockIdx.x), step = (int)(gridDim.x * gridDim.y);
+    /* tile -> its first row and column (M-tile fastest) */
+    auto origin = [&](int tile, int64_t &m0, int64_t &n0) {
+        m0 = (int64_t)(tile % mt_eff) * SM90_BM;
+        n0 = (int64_t)(tile / mt_eff) * BN;
+    };
     const int ktiles = (int)((K + SM90_BK - 1) / SM90_BK);
     const int64_t kb = (K + gk - 1) / gk;
 
@@ -259,23 +264,25 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         if (warp == 0 && lane == 0) {
             int it = 0;
             for (int tile = tile0; tile < ntiles; tile += step) {
-                const int m0 = (tile % mt_eff) * SM90_BM, n0 = (tile / mt_eff) * BN;
+                int64_t m0, n0;
+                origin(tile, m0, n0);
                 for (int kt = 0; kt < ktiles; kt++, it++) {
                     const int s = it % STAGES;
                     mbar_wait(empty(s), ((uint32_t)(it / STAGES) & 1u) ^ 1u);
                     mbar_expect_tx(full(s), A_BYTES + B_BYTES);
-                    tma_load_2d(sA + s * A_BYTES, &tmA, kt * SM90_BK, m0, full(s));
+                    tma_load_2d(sA + s * A_BYTES, &tmA, kt * SM90_BK, (int)m0, full(s));
                     if (MCAST)
                         tma_load_2d_multicast(sB + s * B_BYTES + rank * HALF_B * SM90_BK, &tmB, kt * SM90_BK,
                                               (int)(n0 + rank * HALF_B), full(s), (uint16_t)3);
                     else
-                        tma_load_2d(sB + s * B_BYTES, &tmB, kt * SM90_BK, n0, full(s));
+                        tma_load_2d(sB + s * B_BYTES, &tmB, kt * SM90_BK, (int)n0, full(s));
                 }
             }
         } else if (PROMOTE && warp == 1) {
             int it = 0;
             for (int tile = tile0; tile < ntiles; tile += step) {
-                const int64_t n0 = (int64_t)(tile / mt_eff) * BN;
+                int64_t m0, n0;
+                origin(tile, m0, n0);
                 const float *wcol[BN / 32]; /* this lane's columns' scale rows */
 #pragma unroll
                 for (int i = 0; i < BN / 32; i++) {
@@ -300,7 +307,8 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
             int lt = 0;
             for (int tile = tile0; tile < ntiles; tile += step, lt++) {
                 const int b = lt & 1;
-                const int64_t m0 = (int64_t)(tile % mt_eff) * SM90_BM, n0 = (int64_t)(tile / mt_eff) * BN;
+                int64_t m0, n0;
+                origin(tile, m0, n0);
                 mbar_wait(epi_empty(b), ((uint32_t)(lt >> 1) & 1u) ^ 1u);
                 float *e = epi + b * EPI_FLOATS;
                 for (int c = lane; c < BN; c += 32) {
@@ -341,11 +349,11 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         };
         int acc[BN / 2];
         float accf[PROMOTE ? BN / 2 : 1];
-        const bool vec = (N & 7) == 0 && (reinterpret_cast<uintptr_t>(y) & 15u) == 0;
         const bool storer = tid == 128; /* issues the bulk stores of y and waits for them */
         int it = 0, lt = 0;
         for (int tile = tile0; tile < ntiles; tile += step, lt++) {
-            const int64_t m0 = (int64_t)(tile % mt_eff) * SM90_BM, n0 = (int64_t)(tile / mt_eff) * BN;
+            int64_t m0, n0;
+            origin(tile, m0, n0);
             if constexpr (!PROMOTE) {
                 int s = 0;
                 for (int kt = 0; kt < ktiles; kt++, it++) {
@@ -447,7 +455,8 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                     bulk_commit();
                 }
             } else {
-                /* 16-byte pieces of the staged rows, a warp per 32 consecutive pieces */
+                /* N % 8 != 0 or y not 16-byte aligned (no tensor map): 16-byte pieces of the
+                 * staged rows, a warp per 32 consecutive pieces, element by element */
                 constexpr int PIECES = BN / 8;
                 for (int c = tid - 128; c < SM90_BM * PIECES; c += 256) {
                     const int r = c / PIECES, j = c - r * PIECES;
@@ -455,19 +464,12 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                     if (grow >= M || gcol >= N)
                         continue;
                     const uint4 piece = *reinterpret_cast<const uint4 *>(stg + stg_offset(r, 8 * j));
-                    T *dst = y + grow * N + gcol;
-                    if (vec && gcol + 8 <= N) {
-                        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(piece.x),
-                                     "r"(piece.y), "r"(piece.z), "r"(piece.w)
-                                     : "memory");
-                    } else {
-                        const uint32_t words[4] = {piece.x, piece.y, piece.z, piece.w};
-                        uint16_t *d16 = reinterpret_cast<uint16_t *>(dst);
+                    const uint32_t words[4] = {piece.x, piece.y, piece.z, piece.w};
+                    uint16_t *d16 = reinterpret_cast<uint16_t *>(y + grow * N + gcol);
 #pragma unroll
-                        for (int q = 0; q < 8; q++)
-                            if (gcol + q < N)
-                                d16[q] = (uint16_t)(words[q >> 1] >> (16 * (q & 1)));
-                    }
+                    for (int q = 0; q < 8; q++)
+                        if (gcol + q < N)
+                            d16[q] = (uint16_t)(words[q >> 1] >> (16 * (q & 1)));
                 }
             }
         }
