@@ -21,17 +21,19 @@ ncu --import "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.
 python3 - "$rep.sass.csv" <<'PY'
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1], errors="replace")))
-if not rows:
+# a "Kernel Name" row comes first, then the column header ("Address", "Source", ...)
+at = next((i for i, r in enumerate(rows) if r and r[0] == "Address"), None)
+if at is None:
     sys.exit("no source page")
-hdr = rows[0]
+hdr = rows[at]
 col = next((i for i, h in enumerate(hdr) if h.startswith("Warp Stall Sampling (All")), None)
-src = next((i for i, h in enumerate(hdr) if h in ("Source", "# Source")), 1)
+src = hdr.index("Source") if "Source" in hdr else 1
 if col is None:
     print("columns:", hdr[:12]); sys.exit()
 def num(v):
     try: return float(v.replace(",", ""))
     except ValueError: return 0.0
-body = [r for r in rows[1:] if len(r) > col]
+body = [r for r in rows[at + 1:] if len(r) == len(hdr)]
 tot = sum(num(r[col]) for r in body) or 1.0
 print(f"# top SASS lines by stall samples (of {tot:.0f})")
 for r in sorted(body, key=lambda r: -num(r[col]))[:30]:
