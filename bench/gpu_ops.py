@@ -259,14 +259,43 @@ def kernel_variants(**knobs):
             ops.cuda_kernel_variant(k, v)
 
 
-def bench_variants(rows: list[dict]) -> None:
-    """Kernel variants, forced: skinny tile / split for 4-bit, int8 GEMM paths."""
+def bench_skinny_4bit(rows: list[dict], K: int, N: int, ps: list, a, C: int, M: int) -> None:
+    """The two small-M 4-bit kernels forced in turn (streamed: sm_90 only), each also on one
+    weight reused every call (served from L2: what is left when DRAM is not the limit)."""
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    for name, path in (("streamed", 3), ("staged", 2)):
+        try:
+            with kernel_variants(linear_4bit=path):
+                ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
+                l2 = time_graph(lambda i: ops.linear_4bit(x, ps[0], a, "nf4", 64, (N, K)), 1, 50)
+        except NotImplementedError:
+            continue  # streamed: this card or these tokens
+        rows.append(dict(op="variant", K=K, N=N, M=M, method=f"nf4 skinny {name}", ms=ms))
+        rows.append(dict(op="variant", K=K, N=N, M=M, method=f"nf4 skinny {name}, one weight (L2)", ms=l2))
+    if M == 1 and torch.cuda.get_device_capability()[0] >= 9:
+        for stages in (2, 4):  # the streamed kernel's ring, shallower than its default (up to 8)
+            with kernel_variants(linear_4bit=3, stream_stages=stages):
+                ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
+            rows.append(dict(op="variant", K=K, N=N, M=M, method=f"nf4 skinny streamed, {stages} stages", ms=ms))
+        # the stream alone (no decode or MMA; wrong results): with absmax, and weights only
+        for probe, what in ((1, "weights + absmax"), (2, "weights only")):
+            with kernel_variants(linear_4bit=3, skinny_probe=probe):
+                ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
+            rows.append(dict(op="variant", K=K, N=N, M=M, method=f"nf4 skinny streamed probe: {what}", ms=ms))
+
+
+def bench_variants(rows: list[dict], only_4bit: bool = False) -> None:
+    """Kernel variants, forced: the small-M 4-bit kernels (tile / split of the staged one),
+    int8 GEMM paths."""
     for K, N in SHAPES:
         w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
         p, a = ops.quantize_4bit(w, "nf4", 64)
         C = copies_for(p.numel())
         ps = [p.clone() for _ in range(C)]
         for M in (1, 16):
+            bench_skinny_4bit(rows, K, N, ps, a, C, M)
+            if only_4bit:
+                continue
             x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
             for tile in (1, 2, 4):
                 for split in (0, 1, 2, 4, 8):
@@ -281,6 +310,8 @@ def bench_variants(rows: list[dict]) -> None:
             rows.append(dict(op="variant", K=K, N=N, M=M, method="nf4 skinny staged probe: loads only", ms=ms))
             ms = time_graph(lambda i: ops.linear_4bit(x, ps[0], a, "nf4", 64, (N, K)), 1, 50)
             rows.append(dict(op="variant", K=K, N=N, M=M, method="nf4 skinny one weight (L2)", ms=ms))
+        if only_4bit:
+            continue
         x = torch.randn(4608, K, device=DEV, dtype=torch.bfloat16)
         for lay, g in (("int8_row", None), ("int8_lode", 128), ("int8_block", 128)):
             q, s = ops.quantize_int8(w, lay, g)
@@ -354,6 +385,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one shape")
     ap.add_argument("--variants", action="store_true", help="also time forced kernel variants")
+    ap.add_argument("--variants-4bit", action="store_true", help="only the small-M 4-bit kernels, forced in turn")
     ap.add_argument("--json", help="write all rows here")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="M values, e.g. 1,16")
     ap.add_argument("--linear-only", action="store_true", help="skip the dequantize/quantize rows")
@@ -381,8 +413,8 @@ def main():
         print("dequant/quant done", flush=True)
     bench_linear(rows, shapes, [int(t) for t in args.tokens.split(",")], have_bnb)
     print("linear done", flush=True)
-    if args.variants:
-        bench_variants(rows)
+    if args.variants or args.variants_4bit:
+        bench_variants(rows, only_4bit=args.variants_4bit)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(header=header, bw=bw, rows=rows, correctness=bad), indent=1))
     print_tables(rows, bw, header)

@@ -3,18 +3,20 @@
 # the repository root, after the extension is in place (scripts/device_kernels.sh):
 #
 #     bash scripts/device_gemm_profile.sh [K N M]
+#     LAYOUT=nf4 KERNEL=linear4_stream bash scripts/device_gemm_profile.sh 3072 12288 1
 #
 # Prints the speed-of-light, occupancy and warp-state sections, then the 30 SASS lines
 # with the most stall samples (source counters; the build has -lineinfo).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 K=${1:-3072}; N=${2:-12288}; M=${3:-4608}
+LAYOUT=${LAYOUT:-int8_row}; KERNEL=${KERNEL:-gemm_int8_wgmma}
 OUTDIR=${OUT:-$PWD/kernels_out}
 mkdir -p "$OUTDIR"
-rep="$OUTDIR/gemm_${K}_${N}"
-ncu --clock-control none -k regex:gemm_int8_wgmma --launch-skip 4 --launch-count 1 \
+rep="$OUTDIR/${KERNEL}_${K}_${N}_${M}"
+ncu --clock-control none -k "regex:$KERNEL" --launch-skip 4 --launch-count 1 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section SourceCounters \
-    --section LaunchStats -f -o "$rep" python3 bench/profile_op.py --K "$K" --N "$N" --M "$M" --layout int8_row \
+    --section LaunchStats -f -o "$rep" python3 bench/profile_op.py --K "$K" --N "$N" --M "$M" --layout "$LAYOUT" \
     --calls 8 >/dev/null 2>&1 || echo "ncu failed"
 ncu --import "$rep.ncu-rep" --page details 2>&1 | grep -v "^    ---\|^  Section: Source" | head -120
 ncu --import "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.csv" 2>/dev/null

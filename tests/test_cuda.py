@@ -245,6 +245,72 @@ def test_linear_4bit_skinny_batches(group, K, split):
             assert rel_err(y, ref) < tol(dtype), (M, N, K, group, split, ad.data_ptr() % 16)
 
 
+# (M, N, K, group): the streamed kernel's cases: one stage a tile (K <= 4096) and several
+# with a shorter last one (K = 12544: 3 stages of 3328 and one of 2560), 8-row tail tiles
+# (an odd number of octets a block) and partial ones (N % 8), fewer octets than SMs and
+# several tiles a block, 1-8 tokens, every chunk width (group 32, 64, 128 and 256)
+STREAM_CASES = [(1, 3072, 3072, 64), (1, 1, 256, 64), (2, 13, 512, 32), (8, 2000, 1024, 64),
+                (2, 1031, 12544, 64), (7, 40, 2048, 128), (8, 1100, 3072, 64), (1, 300, 4096, 256),
+                (2, 129, 12288, 64), (6, 24, 1024, 32), (1, 3080, 12288, 64)]
+
+
+@pytest.mark.parametrize("case", STREAM_CASES, ids=str)
+@pytest.mark.parametrize("dtype,codebook", [(torch.bfloat16, "nf4"), (torch.float16, "fp4")])
+def test_linear_4bit_streamed(case, dtype, codebook):
+    """The sm_90 streamed kernel, forced (knob 3 refuses rather than falling back): the
+    same result as the staged kernel up to float32 summation order, and against the
+    reference (error measured against the size of the products: one output can be a
+    near-zero sum)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the streamed kernel needs sm_90")
+    M, N, K, group = case
+    w = weight(N, K)
+    packed, absmax = reference.quantize_4bit(w, codebook, group)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if N % 2 else None
+    ref = reference.linear_4bit(x.float(), packed, absmax, codebook, group, N, K,
+                                None if bias is None else bias.float())
+    xd, pd, ad = x.to(DEV), packed.to(DEV), absmax.to(DEV)
+    bd = None if bias is None else bias.to(DEV)
+    outs = {}
+    for path in (3, 2):
+        poison()
+        y = torch.empty(M, N, dtype=dtype, device=DEV)
+        with variant("linear_4bit", path):
+            ops._C.linear_4bit(xd.data_ptr(), L.DTYPE_CODES[dtype], pd.data_ptr(), ad.data_ptr(),
+                               0 if bd is None else bd.data_ptr(), y.data_ptr(), M, N, K, group,
+                               L.CODEBOOK_CODES[codebook], 1, torch.cuda.current_stream().cuda_stream, 1)
+        torch.cuda.synchronize()
+        outs[path] = y
+        mag = x.float().abs() @ w.abs().t() + (0.0 if bias is None else bias.float().abs()) + 1e-3
+        assert ((y.float().cpu() - ref).abs() / mag).max().item() < tol(dtype), (path, case)
+    # same decode and products, sums in another order: within a few float32 roundings of
+    # y's magnitude, far below the bf16/f16 rounding of y itself
+    scale = ref.abs().max().item() + 1.0
+    assert (outs[3].float() - outs[2].float()).abs().max().item() <= 2 ** -6 * scale, case
+
+
+def test_linear_4bit_streamed_refuses_what_it_cannot_run():
+    """Forced, the streamed kernel says so when the groups or the tokens do not fit, and
+    the automatic choice then takes the staged kernel (same result)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the streamed kernel needs sm_90")
+    for M, N, K, group in [(9, 8, 256, 64), (1, 8, 64 * 3, 64), (8, 8, 12288, 64)]:
+        w = weight(N, K)
+        packed, absmax = reference.quantize_4bit(w, "nf4", group)
+        x = torch.randn(M, K).to(torch.bfloat16)
+        y = torch.empty(M, N, dtype=torch.bfloat16, device=DEV)
+        xd, pd, ad = x.to(DEV), packed.to(DEV), absmax.to(DEV)
+        with variant("linear_4bit", 3), pytest.raises(NotImplementedError, match="no kernel"):
+            ops._C.linear_4bit(xd.data_ptr(), L.DTYPE_CODES[torch.bfloat16], pd.data_ptr(), ad.data_ptr(), 0,
+                               y.data_ptr(), M, N, K, group, L.CODEBOOK_CODES["nf4"], 1,
+                               torch.cuda.current_stream().cuda_stream, 1)
+        ref = reference.linear_4bit(x.float(), packed, absmax, "nf4", group, N, K)
+        if M <= 16:
+            got = ops.linear_4bit(xd, pd, ad, "nf4", group, (N, K))
+            assert rel_err(got, ref) < tol(torch.bfloat16)
+
+
 @pytest.mark.parametrize("M", [1, 16, 100])
 def test_linear_4bit_op_paths(M):
     """The public op: fused for M <= 16, dequantize + cuBLAS above."""

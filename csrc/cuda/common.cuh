@@ -54,11 +54,12 @@ CQ_HIDDEN int device_info(DeviceInfo *out);
 /* Benchmark/test knobs (cq_cuda_set_variant): 0 = automatic choice. */
 enum Knob {
     KNOB_GEMM_INT8 = 0,  /* 1 generic, 2 skinny mma, 3 sm80 mma.sync, 4 sm90 wgmma, 5 sm90 + multicast */
-    KNOB_LINEAR_4BIT = 1,/* 1 generic, 2 skinny mma (weights staged in shared memory) */
+    KNOB_LINEAR_4BIT = 1,/* 1 generic, 2 skinny mma (cp.async stages), 3 streamed (sm_90, bulk copies) */
     KNOB_SPLIT_K = 2,    /* force the split-K cluster size of the skinny kernels */
     KNOB_SKINNY_TILE = 3,/* n-tiles of 8 rows per warp in the skinny kernels: 1, 2, 4 */
     KNOB_LINEAR_INT8 = 4,/* weight-only: 1 generic, 2 skinny mma */
-    KNOB_SKINNY_PROBE = 5,/* benchmark probe, wrong results: 1 = 4-bit skinny loads only */
+    KNOB_SKINNY_PROBE = 5,/* benchmark probe, wrong results: 1 = 4-bit skinny loads only; 2 = streamed, weights only */
+    KNOB_STREAM_STAGES = 6,/* at most this many stages in the streamed 4-bit kernel's ring (>= 2) */
     KNOB_COUNT = 8
 };
 CQ_HIDDEN int knob(int which);

@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <cudaTypedefs.h>
 
+#include "async_sm90.cuh"
 #include "gemm_int8.cuh"
 #include "wgmma_s8.cuh"
 
@@ -55,36 +56,6 @@ template <int BN, bool PROMOTE> struct Sm90Cfg {
 #define CQ_SM90_DEVICE 1
 #endif
 
-__device__ __forceinline__ uint32_t s_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-#ifdef CQ_SM90_DEVICE
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-#endif
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, int bytes) {
-#ifdef CQ_SM90_DEVICE
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-#ifdef CQ_SM90_DEVICE
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-#ifdef CQ_SM90_DEVICE
-    uint32_t done = 0;
-    do {
-        asm volatile("{\n.reg .pred p;\n"
-                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                     "selp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done)
-                     : "r"(bar), "r"(parity)
-                     : "memory");
-    } while (!done);
-#endif
-}
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int c0, int c1, uint32_t bar) {
 #ifdef CQ_SM90_DEVICE
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n"
@@ -252,7 +223,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
             mbar_init(epi_full(b), 32);
             mbar_init(epi_empty(b), 256);
         }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        mbar_init_fence();
     }
     if (MCAST)
         cluster_sync_all();

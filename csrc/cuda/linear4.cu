@@ -12,6 +12,7 @@
  * linear4_generic: every other case (float32, odd K, sm_75, unaligned): one warp per
  * output column, weights decoded exactly in float32.
  */
+#include "async_sm90.cuh"
 #include "launchers.cuh"
 #include "skinny.cuh"
 
@@ -310,6 +311,274 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
     return run_staged_mh<T, NT, BYTES, 2>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
 }
 
+/* ------------------------------------------------------------------ streamed skinny (sm_90) */
+/* linear4_stream (sm_90, M <= 8): one persistent block an SM streams a contiguous run of
+ * 8-row octets of W, whole rows (the octets of the weight are one contiguous run of bytes,
+ * and so are their absmax), through a ring of shared-memory stages filled by the bulk copy
+ * engine. One producer warp issues a stage (16 rows x up to 4096 k) as 32 row copies (16
+ * weight rows, 16 absmax rows, each row padded by 16 bytes so that the fragment loads are
+ * conflict-free); 16 consumer warps split each stage's k between them and meet once a
+ * 16-row tile in shared memory (added in warp order: deterministic). The tokens are staged
+ * once. Transposed against linear4_staged: y^T = W x^T, so the 16 rows of the MMA are
+ * weight rows (A, decoded by the same lane-private table) and its 8 columns are tokens (B,
+ * straight from the staged x): no padding of 1-8 tokens to 16, half the MMAs.
+ * Why (runs 5-9 and 20 of docs/CUDA_NOTES.md): linear4_staged streams short K slices with
+ * cp.async, 2 stages deep, and waits about one memory latency a stage; here 4-6 stages are
+ * in flight an SM, issued by one thread, and there is no split-K between blocks. */
+constexpr int STREAM_CW = 16;        /* consumer warps */
+constexpr int STREAM_MAX_STAGES = 8;
+constexpr int STREAM_KSL = 4096;     /* k of a stage at most (32 KB of 16 weight rows) */
+
+struct StreamLayout {
+    int ksl;         /* k of a stage (a tile's last stage may be shorter) */
+    int J;           /* stages a tile */
+    int S;           /* stages in the ring */
+    int rs;          /* bytes between staged weight rows: ksl / 2 + 16 */
+    int as;          /* floats between staged absmax rows: ksl / group + 4 */
+    int xs;          /* bytes between staged token rows: 2 K + 16 */
+    int off_red;     /* partial sums [2][CW][8 tokens][16 rows] floats */
+    int off_x;       /* tokens [M][xs bytes] */
+    int off_st;      /* stages [S][16 rs + 64 as bytes] */
+    int stage_bytes;
+};
+
+template <typename T, int BYTES>
+__global__ void __launch_bounds__(32 * (STREAM_CW + 1), 1)
+linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, const float *__restrict__ absmax,
+               const T *__restrict__ bias, T *__restrict__ y, int M, int64_t N, int64_t K, int log2_group,
+               int codebook, StreamLayout L, int probe) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    constexpr int CK = BYTES * 8, CB = BYTES * 4, STEPS = BYTES / 2, WORDS = BYTES / 4, CW = STREAM_CW;
+    extern __shared__ __align__(16) unsigned char smem[];
+    uint64_t *bars = reinterpret_cast<uint64_t *>(smem); /* full[S], empty[S], tokens: <= 136 bytes */
+    float *table = reinterpret_cast<float *>(smem + 192); /* no static shared memory: the dynamic
+                                                             part may take the card's whole limit */
+    const char *lut_bytes = reinterpret_cast<const char *>(smem + 256);
+    float *red = reinterpret_cast<float *>(smem + L.off_red);
+    unsigned char *xst = smem + L.off_x;
+    unsigned char *st = smem + L.off_st;
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t octets = (N + 7) / 8;
+    const int64_t o_begin = (int64_t)blockIdx.x * octets / gridDim.x;
+    const int64_t o_end = (int64_t)(blockIdx.x + 1) * octets / gridDim.x;
+    auto full = [&](int s) { return s_addr(bars + s); };
+    auto empty = [&](int s) { return s_addr(bars + L.S + s); };
+    const uint32_t xbar = s_addr(bars + 2 * L.S);
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < L.S; s++) {
+            mbar_init(full(s), 1);
+            mbar_init(empty(s), CW);
+        }
+        mbar_init(xbar, 1);
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (warp == CW) { /* the producer: lanes 0-15 copy weight rows, lanes 16-31 absmax rows */
+        if (lane == 0)
+            mbar_expect_tx(xbar, M * (int)K * 2);
+        __syncwarp();
+        if (lane < M)
+            bulk_load(s_addr(xst + lane * L.xs), x + (int64_t)lane * K, (uint32_t)(K * 2), xbar);
+        int s = 0;
+        uint32_t phase = 0;
+        for (int64_t o = o_begin; o < o_end; o += 2) {
+            const int64_t n0 = 8 * o, left = N - n0;
+            int rows = o_end - o >= 2 ? 16 : 8; /* this block's rows only */
+            rows = left < rows ? (int)left : rows;
+            const int row = lane & 15;
+            for (int j = 0; j < L.J; j++) {
+                const int64_t k0 = (int64_t)j * L.ksl;
+                const int kl = K - k0 < L.ksl ? (int)(K - k0) : L.ksl;
+                const int abytes = probe == 2 ? 0 : (kl >> log2_group) * 4; /* a row's absmax */
+                if (lane == 0) {
+                    mbar_wait(empty(s), phase ^ 1u);
+                    mbar_expect_tx(full(s), rows * (kl / 2 + abytes));
+                }
+                __syncwarp();
+                unsigned char *sb = st + s * L.stage_bytes;
+                if (row < rows) {
+                    const int64_t e = (n0 + row) * K + k0; /* first element of the row's slice */
+                    if (lane < 16)
+                        bulk_load(s_addr(sb + row * L.rs), packed + (e >> 1), (uint32_t)(kl / 2), full(s));
+                    else if (abytes)
+                        bulk_load(s_addr(sb + 16 * L.rs + row * L.as * 4), absmax + (e >> log2_group),
+                                  (uint32_t)abytes, full(s));
+                }
+                if (++s == L.S) {
+                    s = 0;
+                    phase ^= 1u;
+                }
+            }
+        }
+        return;
+    }
+
+    /* consumers: the lane-private decode table (linear4_staged's), then the tokens */
+    auto consumers_sync = [] { asm volatile("bar.sync 1, %0;\n" ::"n"(32 * STREAM_CW) : "memory"); };
+    if (threadIdx.x < 16)
+        table[threadIdx.x] = c_table4[codebook][threadIdx.x];
+    consumers_sync();
+    for (int i = threadIdx.x; i < 256 * 8; i += 32 * CW) {
+        const int b = i >> 3;
+        const uint32_t v = pack2<T>(table[b >> 4], table[b & 15]);
+        reinterpret_cast<uint4 *>(smem + 256)[i] = make_uint4(v, v, v, v);
+    }
+    consumers_sync();
+    mbar_wait(xbar, 0);
+
+    /* lane (r, t): weight rows r and r + 8 of the tile (A), token r (B; zero past M);
+     * its C fragment: rows r and r + 8, tokens 2t and 2t + 1 */
+    const int r = lane >> 2, t = lane & 3;
+    const uint32_t lane4 = (uint32_t)lane * 4u;
+    const bool x_ok = r < M;
+    const unsigned char *xrow = xst + r * L.xs + t * (CK / 4) * 2;
+    int s = 0, rb = 0;
+    uint32_t phase = 0;
+    for (int64_t o = o_begin; o < o_end; o += 2, rb ^= 1) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int j = 0; j < L.J; j++) {
+            const int64_t k0 = (int64_t)j * L.ksl;
+            const int kl = K - k0 < L.ksl ? (int)(K - k0) : L.ksl;
+            const int chunks = kl / CK, c_lo = warp * chunks / CW, c_hi = (warp + 1) * chunks / CW;
+            const unsigned char *sb = st + s * L.stage_bytes;
+            const unsigned char *w0 = sb + r * L.rs + t * BYTES, *w1 = w0 + 8 * L.rs;
+            const float *ab0 = reinterpret_cast<const float *>(sb + 16 * L.rs) + r * L.as, *ab1 = ab0 + 8 * L.as;
+            const unsigned char *xk = xrow + k0 * 2;
+            mbar_wait(full(s), phase);
+#pragma unroll 2
+            for (int c = c_lo; c < (probe ? c_lo : c_hi); c++) { /* probe (benchmark): the stream alone */
+                uint32_t wa[WORDS], wb[WORDS], xv[BYTES];
+                load_words_smem<BYTES>(w0 + c * CB, wa);
+                load_words_smem<BYTES>(w1 + c * CB, wb);
+                const int g = (c * CK) >> log2_group;
+                const float am0 = ab0[g], am1 = ab1[g];
+#pragma unroll
+                for (int i = 0; i < BYTES; i += 4) {
+                    const uint4 u = x_ok ? *reinterpret_cast<const uint4 *>(xk + c * CK * 2 + i * 4)
+                                         : make_uint4(0, 0, 0, 0);
+                    xv[i] = u.x; xv[i + 1] = u.y; xv[i + 2] = u.z; xv[i + 3] = u.w;
+                }
+                float tmp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+                for (int q = 0; q < STEPS; q++) {
+                    const uint32_t ua = wa[q >> 1], ub = wb[q >> 1];
+                    uint32_t a[4];
+                    a[0] = *reinterpret_cast<const uint32_t *>(
+                        lut_bytes + ((q & 1) ? lut_offset<2>(ua, lane4) : lut_offset<0>(ua, lane4)));
+                    a[1] = *reinterpret_cast<const uint32_t *>(
+                        lut_bytes + ((q & 1) ? lut_offset<2>(ub, lane4) : lut_offset<0>(ub, lane4)));
+                    a[2] = *reinterpret_cast<const uint32_t *>(
+                        lut_bytes + ((q & 1) ? lut_offset<3>(ua, lane4) : lut_offset<1>(ua, lane4)));
+                    a[3] = *reinterpret_cast<const uint32_t *>(
+                        lut_bytes + ((q & 1) ? lut_offset<3>(ub, lane4) : lut_offset<1>(ub, lane4)));
+                    mma_16816<T>(tmp[q & 1], a, xv[2 * q], xv[2 * q + 1]);
+                }
+                acc[0] = fmaf(tmp[0][0] + tmp[1][0], am0, acc[0]);
+                acc[1] = fmaf(tmp[0][1] + tmp[1][1], am0, acc[1]);
+                acc[2] = fmaf(tmp[0][2] + tmp[1][2], am1, acc[2]);
+                acc[3] = fmaf(tmp[0][3] + tmp[1][3], am1, acc[3]);
+            }
+            __syncwarp();
+            if (lane == 0)
+                mbar_arrive(empty(s));
+            if (++s == L.S) {
+                s = 0;
+                phase ^= 1u;
+            }
+        }
+        /* the warps' partial sums of this tile, added in warp order */
+        float *rr = red + rb * (CW * 8 * 16);
+        if (2 * t < M) {
+            rr[(warp * 8 + 2 * t) * 16 + r] = acc[0];
+            rr[(warp * 8 + 2 * t) * 16 + r + 8] = acc[2];
+        }
+        if (2 * t + 1 < M) {
+            rr[(warp * 8 + 2 * t + 1) * 16 + r] = acc[1];
+            rr[(warp * 8 + 2 * t + 1) * 16 + r + 8] = acc[3];
+        }
+        consumers_sync(); /* rr is complete; the other buffer's readers are done */
+        if (threadIdx.x < M * 16) {
+            const int m = threadIdx.x >> 4, row = threadIdx.x & 15;
+            const int64_t n = 8 * o + row;
+            if (row < 8 * (o_end - o) && n < N) { /* rows of this block only */
+                float v = 0.0f;
+#pragma unroll 4
+                for (int w = 0; w < CW; w++)
+                    v += rr[(w * 8 + m) * 16 + row];
+                if (bias)
+                    v += to_f32(bias[n]);
+                y[(int64_t)m * N + n] = from_f32<T>(v);
+            }
+        }
+    }
+#endif
+}
+
+/* The layout of linear4_stream for (M, K, group), or false where it does not apply:
+ * bulk copies need 16-byte rows and offsets (K a multiple of 4 groups), and the tokens
+ * plus at least 3 stages must fit in shared memory. */
+static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, StreamLayout *L, int *smem) {
+    const int64_t g = int64_t(1) << lg, q = 4 * g;
+    if (dev.cc < 90 || M > 8 || K % q != 0 || q > STREAM_KSL * 2)
+        return false;
+    int64_t J = (K + STREAM_KSL - 1) / STREAM_KSL;
+    const int64_t ksl = ((K + J - 1) / J + q - 1) / q * q;
+    J = (K + ksl - 1) / ksl;
+    L->ksl = (int)ksl;
+    L->J = (int)J;
+    L->rs = (int)(ksl / 2 + 16);
+    L->as = (int)((ksl >> lg) + 4);
+    L->xs = (int)(2 * K + 16);
+    L->off_red = 256 + 256 * 32 * 4;
+    L->off_x = L->off_red + 2 * STREAM_CW * 8 * 16 * 4;
+    L->off_st = (int)((L->off_x + M * L->xs + 127) / 128 * 128);
+    L->stage_bytes = 16 * L->rs + 64 * L->as;
+    const int64_t room = (int64_t)dev.smem_optin - L->off_st;
+    int64_t S = room / L->stage_bytes;
+    S = S > STREAM_MAX_STAGES ? STREAM_MAX_STAGES : S;
+    if (S < 3)
+        return false;
+    const int forced = knob(KNOB_STREAM_STAGES);
+    if (forced >= 2 && forced < S)
+        S = forced;
+    L->S = (int)S;
+    *smem = L->off_st + L->S * L->stage_bytes;
+    return true;
+}
+
+template <typename T, int BYTES>
+static int run_stream_bytes(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax,
+                            const T *bias, T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook,
+                            cudaStream_t stream) {
+    StreamLayout L;
+    int smem = 0;
+    if (!aligned16(x) || !aligned16(packed) || !aligned16(absmax) || !stream_layout(dev, M, K, lg, &L, &smem))
+        return CQ_EUNSUPPORTED;
+    auto kernel = linear4_stream<T, BYTES>;
+    static unsigned long long smem_set; /* bit per device: the limit is the card's, once */
+    const int st = raise_smem_limit(reinterpret_cast<const void *>(kernel), dev.smem_optin, &smem_set,
+                                    "linear_4bit (streamed smem)");
+    if (st)
+        return st;
+    const int64_t octets = (N + 7) / 8;
+    const unsigned grid = (unsigned)(octets < dev.sms ? octets : dev.sms);
+    kernel<<<grid, 32 * (STREAM_CW + 1), (size_t)smem, stream>>>(x, packed, absmax, bias, y, (int)M, N, K, lg,
+                                                                  codebook, L, knob(KNOB_SKINNY_PROBE));
+    return check_launch("linear_4bit (streamed)");
+}
+
+template <typename T>
+static int run_stream(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax, const T *bias,
+                      T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook, cudaStream_t stream) {
+    if (lg >= 7)
+        return run_stream_bytes<T, 16>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+    if (lg == 6)
+        return run_stream_bytes<T, 8>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+    return run_stream_bytes<T, 4>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+}
+
 /* linear4_generic: warp per (column n, 8 tokens); exact float32 weights. */
 template <typename T>
 __global__ void __launch_bounds__(256)
@@ -360,6 +629,15 @@ static int linear_4bit_t(const T *x, const uint8_t *packed, const float *absmax,
     int path = knob(KNOB_LINEAR_4BIT);
     bool skinny_ok = sizeof(T) == 2 && dev.cc >= 80 && K % chunk == 0 && aligned16(x) && aligned16(packed) &&
                      M <= INT32_MAX;
+    if (path == 3 || (path == 0 && skinny_ok && dev.cc >= 90)) {
+        int st = CQ_EUNSUPPORTED;
+        if constexpr (sizeof(T) == 2)
+            if (skinny_ok)
+                st = run_stream<T>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+        /* unsupported (the tokens or the groups do not fit): staged, unless forced (tests) */
+        if (st != CQ_EUNSUPPORTED || path != 0)
+            return st;
+    }
     if (path == 0)
         path = skinny_ok ? 2 : 1;
     if (path == 2 && skinny_ok) {

@@ -62,6 +62,20 @@ __device__ __forceinline__ void load_words(const void *p, uint32_t *w) {
     }
 }
 
+/* Loads `BYTES` (4, 8, 16) bytes of shared memory as 32-bit words. */
+template <int BYTES>
+__device__ __forceinline__ void load_words_smem(const void *p, uint32_t *w) {
+    if constexpr (BYTES == 16) {
+        const uint4 u = *reinterpret_cast<const uint4 *>(p);
+        w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+    } else if constexpr (BYTES == 8) {
+        const uint2 u = *reinterpret_cast<const uint2 *>(p);
+        w[0] = u.x; w[1] = u.y;
+    } else {
+        w[0] = *reinterpret_cast<const uint32_t *>(p);
+    }
+}
+
 /* Cluster split-K: partial sums part[16][R] of each block of the cluster are added
  * in rank order, with bias, into y rows [m0, m0 + mv) and columns [n0, n0 + R). */
 template <typename T>
