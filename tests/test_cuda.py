@@ -165,6 +165,15 @@ def test_dequantize_absmax_bit_exact():
     assert same_bits(got, ref)
 
 
+def linear_4bit_raw(xd, pd, ad, bd, y, group, codebook):
+    """The launcher itself (any M, forced variants; no op-level checks) on device tensors,
+    which the caller keeps alive until it has run; y is [M, N] in x's dtype."""
+    (M, K), N = xd.shape, y.shape[1]
+    ops._C.linear_4bit(xd.data_ptr(), L.DTYPE_CODES[xd.dtype], pd.data_ptr(), ad.data_ptr(),
+                       0 if bd is None else bd.data_ptr(), y.data_ptr(), M, N, K, group,
+                       L.CODEBOOK_CODES[codebook], 1, torch.cuda.current_stream().cuda_stream, 1)
+
+
 LINEAR_SHAPES = [(1, 8, 64), (3, 65, 128), (16, 200, 256), (17, 64, 192), (33, 24, 128), (5, 13, 63), (2, 40, 1000)]
 
 
@@ -185,9 +194,7 @@ def test_linear_4bit(path, dtype, group):
         xd, pd, ad = x.to(DEV), packed.to(DEV), absmax.to(DEV)
         bd = None if bias is None else bias.to(DEV)
         with variant("linear_4bit", path):
-            ops._C.linear_4bit(xd.data_ptr(), L.DTYPE_CODES[dtype], pd.data_ptr(), ad.data_ptr(),
-                               0 if bd is None else bd.data_ptr(), y.data_ptr(), M, N, K, group,
-                               L.CODEBOOK_CODES["nf4"], 1, torch.cuda.current_stream().cuda_stream, 1)
+            linear_4bit_raw(xd, pd, ad, bd, y, group, "nf4")
             torch.cuda.synchronize()
         assert rel_err(y, ref) < tol(dtype), (M, N, K)
 
@@ -238,9 +245,7 @@ def test_linear_4bit_skinny_batches(group, K, split):
             poison()
             y = torch.empty(M, N, dtype=dtype, device=DEV)
             with variant("linear_4bit", 2), variant("split_k", split):
-                ops._C.linear_4bit(xd.data_ptr(), L.DTYPE_CODES[dtype], pd.data_ptr(), ad.data_ptr(),
-                                   0 if bd is None else bd.data_ptr(), y.data_ptr(), M, N, K, group,
-                                   L.CODEBOOK_CODES[codebook], 1, torch.cuda.current_stream().cuda_stream, 1)
+                linear_4bit_raw(xd, pd, ad, bd, y, group, codebook)
             torch.cuda.synchronize()
             assert rel_err(y, ref) < tol(dtype), (M, N, K, group, split, ad.data_ptr() % 16)
 
@@ -277,9 +282,7 @@ def test_linear_4bit_streamed(case, dtype, codebook):
         poison()
         y = torch.empty(M, N, dtype=dtype, device=DEV)
         with variant("linear_4bit", path):
-            ops._C.linear_4bit(xd.data_ptr(), L.DTYPE_CODES[dtype], pd.data_ptr(), ad.data_ptr(),
-                               0 if bd is None else bd.data_ptr(), y.data_ptr(), M, N, K, group,
-                               L.CODEBOOK_CODES[codebook], 1, torch.cuda.current_stream().cuda_stream, 1)
+            linear_4bit_raw(xd, pd, ad, bd, y, group, codebook)
         torch.cuda.synchronize()
         outs[path] = y
         mag = x.float().abs() @ w.abs().t() + (0.0 if bias is None else bias.float().abs()) + 1e-3
@@ -302,9 +305,7 @@ def test_linear_4bit_streamed_refuses_what_it_cannot_run():
         y = torch.empty(M, N, dtype=torch.bfloat16, device=DEV)
         xd, pd, ad = x.to(DEV), packed.to(DEV), absmax.to(DEV)
         with variant("linear_4bit", 3), pytest.raises(NotImplementedError, match="no kernel"):
-            ops._C.linear_4bit(xd.data_ptr(), L.DTYPE_CODES[torch.bfloat16], pd.data_ptr(), ad.data_ptr(), 0,
-                               y.data_ptr(), M, N, K, group, L.CODEBOOK_CODES["nf4"], 1,
-                               torch.cuda.current_stream().cuda_stream, 1)
+            linear_4bit_raw(xd, pd, ad, None, y, group, "nf4")
         ref = reference.linear_4bit(x.float(), packed, absmax, "nf4", group, N, K)
         if M <= 16:
             got = ops.linear_4bit(xd, pd, ad, "nf4", group, (N, K))
