@@ -1,8 +1,12 @@
 /* linear4.cu: fused 4-bit linear y[M, N] = x[M, K] W^T + bias, W in the bnb_nf4 /
  * bnb_fp4 layout (formats.h), for small M (tokens): each weight byte is read once.
  *
- * linear4_staged (sm_80+, bf16/f16, K a multiple of the chunk): tensor cores via
- * skinny.cuh, weights, absmax and tokens streamed through shared memory. A chunk of CK = 8 * BYTES consecutive k of one row lies in one group
+ * linear4_stream (sm_90, bf16/f16, 1-8 tokens that fit in shared memory, K a multiple of
+ * 4 groups): the dispatcher's first choice there; whole rows streamed by the bulk copy
+ * engine, one persistent block an SM (see its comment).
+ * linear4_staged (sm_80+, bf16/f16, K a multiple of the chunk): the other small-M cases;
+ * tensor cores via skinny.cuh, weights, absmax and tokens streamed through shared memory.
+ * In both, a chunk of CK = 8 * BYTES consecutive k of one row lies in one group
  * (CK <= group), so the lane sums table[code] * x over the chunk on tensor cores and
  * scales the partial sum by absmax once per chunk. Codes become bf16/f16 pairs
  * through a 256-entry table of byte -> (table[hi], table[lo]) kept once per lane
