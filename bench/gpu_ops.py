@@ -277,10 +277,12 @@ def bench_skinny_4bit(rows: list[dict], K: int, N: int, ps: list, a, C: int, M: 
             with kernel_variants(linear_4bit=3, stream_stages=stages):
                 ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
             rows.append(dict(op="variant", K=K, N=N, M=M, method=f"nf4 skinny streamed, {stages} stages", ms=ms))
-        # the stream alone (no decode or MMA; wrong results): with absmax, and weights only
-        for probe, what in ((1, "weights + absmax"), (2, "weights only")):
+        # probes (wrong results): the stream alone (no decode or MMA) with absmax, from DRAM and
+        # from L2, and weights only; the decode and MMAs alone (no loads)
+        for probe, what, copies in ((1, "weights + absmax", C), (1, "weights + absmax, one weight (L2)", 1),
+                                    (2, "weights only", C), (3, "compute alone", C)):
             with kernel_variants(linear_4bit=3, skinny_probe=probe):
-                ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
+                ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), copies, 50)
             rows.append(dict(op="variant", K=K, N=N, M=M, method=f"nf4 skinny streamed probe: {what}", ms=ms))
 
 

@@ -320,31 +320,44 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * 8-row octets of W, whole rows (the octets of the weight are one contiguous run of bytes,
  * and so are their absmax), through a ring of shared-memory stages filled by the bulk copy
  * engine. One producer warp issues a stage (16 rows x up to 4096 k) as 32 row copies (16
- * weight rows, 16 absmax rows, each row padded by 16 bytes so that the fragment loads are
- * conflict-free); 16 consumer warps split each stage's k between them and meet once a
+ * weight rows padded by one chunk's bytes and 16 absmax rows padded by 16 bytes, so that
+ * the fragment loads are conflict-free); 16 consumer warps split each stage's k between them and meet once a
  * 16-row tile in shared memory (added in warp order: deterministic). The tokens are staged
  * once. Transposed against linear4_staged: y^T = W x^T, so the 16 rows of the MMA are
- * weight rows (A, decoded by the same lane-private table) and its 8 columns are tokens (B,
- * straight from the staged x): no padding of 1-8 tokens to 16, half the MMAs.
+ * weight rows (A, decoded by a lane-private table like linear4_staged's, with 256-byte
+ * entries: lut256_offset) and its 8 columns are tokens (B, straight from the staged x): no
+ * padding of 1-8 tokens to 16, half the MMAs.
  * Why (runs 5-9 and 20 of docs/CUDA_NOTES.md): linear4_staged streams short K slices with
  * cp.async, 2 stages deep, and waits about one memory latency a stage; here 4-6 stages are
  * in flight an SM, issued by one thread, and there is no split-K between blocks. */
-constexpr int STREAM_CW = 16;        /* consumer warps */
+/* consumer warps: 24 or 30 were slower than 16 (run 29): the consumers are bound by their
+ * instruction issue and shared-memory wavefronts, not by latency */
+constexpr int STREAM_CW = 16;
 constexpr int STREAM_MAX_STAGES = 8;
-constexpr int STREAM_KSL = 4096;     /* k of a stage at most (32 KB of 16 weight rows) */
+constexpr int STREAM_KSL = 4096;     /* k of a stage at most (32 KB of 16 weight rows); 2048 or
+                                        1024 where 3 stages of that do not fit */
 
 struct StreamLayout {
     int ksl;         /* k of a stage (a tile's last stage may be shorter) */
     int J;           /* stages a tile */
     int S;           /* stages in the ring */
-    int rs;          /* bytes between staged weight rows: ksl / 2 + 16 */
+    int rs;          /* bytes between staged weight rows: ksl / 2 + 4 BYTES (16 bytes of padding
+                        left the 8- and 16-byte fragment loads 2-way conflicted: run 30) */
     int as;          /* floats between staged absmax rows: ksl / group + 4 */
     int xs;          /* bytes between staged token rows: 2 K + 16 */
-    int off_red;     /* partial sums [2][CW][8 tokens][16 rows] floats */
+    int off_red;     /* partial sums [2][CW][8 tokens][16 rows] floats (after the 64 KB table) */
     int off_x;       /* tokens [M][xs bytes] */
     int off_st;      /* stages [S][16 rs + 64 as bytes] */
     int stage_bytes;
 };
+
+/* Byte B of w as the offset of its entry in linear4_stream's decode table (entry * 256 +
+ * lane * 4; entries 256 bytes apart, half of each unused, so that one PRMT places the byte,
+ * where linear4_staged's 128-byte entries take a shift and a LOP3). */
+template <int B>
+__device__ __forceinline__ uint32_t lut256_offset(uint32_t w, uint32_t lane4) {
+    return __byte_perm(lane4, w, 0x1100u | ((4u + B) << 4));
+}
 
 template <typename T, int BYTES>
 __global__ void __launch_bounds__(32 * (STREAM_CW + 1), 1)
@@ -363,9 +376,18 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     unsigned char *st = smem + L.off_st;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    /* the block's octets: a contiguous run (every gridDim.x-th instead was no faster: run
+     * 27); a tile is two of them */
     const int64_t octets = (N + 7) / 8;
     const int64_t o_begin = (int64_t)blockIdx.x * octets / gridDim.x;
-    const int64_t o_end = (int64_t)(blockIdx.x + 1) * octets / gridDim.x;
+    const int64_t n_oct = (int64_t)(blockIdx.x + 1) * octets / gridDim.x - o_begin;
+    const int tiles = (int)((n_oct + 1) / 2);
+    /* weight row `row` (0-15) of tile `tile`, or -1 past the block's octets or N */
+    auto tile_row = [&](int tile, int row) -> int64_t {
+        const int64_t i = 2 * (int64_t)tile + (row >> 3);
+        const int64_t n = 8 * (o_begin + i) + (row & 7);
+        return i < n_oct && n < N ? n : -1;
+    };
     auto full = [&](int s) { return s_addr(bars + s); };
     auto empty = [&](int s) { return s_addr(bars + L.S + s); };
     const uint32_t xbar = s_addr(bars + 2 * L.S);
@@ -387,23 +409,22 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             bulk_load(s_addr(xst + lane * L.xs), x + (int64_t)lane * K, (uint32_t)(K * 2), xbar);
         int s = 0;
         uint32_t phase = 0;
-        for (int64_t o = o_begin; o < o_end; o += 2) {
-            const int64_t n0 = 8 * o, left = N - n0;
-            int rows = o_end - o >= 2 ? 16 : 8; /* this block's rows only */
-            rows = left < rows ? (int)left : rows;
+        for (int tile = 0; tile < tiles; tile++) {
             const int row = lane & 15;
+            const int64_t n = tile_row(tile, row);
+            const int rows = __popc(__ballot_sync(0xffffffffu, lane < 16 && n >= 0));
             for (int j = 0; j < L.J; j++) {
                 const int64_t k0 = (int64_t)j * L.ksl;
                 const int kl = K - k0 < L.ksl ? (int)(K - k0) : L.ksl;
                 const int abytes = probe == 2 ? 0 : (kl >> log2_group) * 4; /* a row's absmax */
                 if (lane == 0) {
                     mbar_wait(empty(s), phase ^ 1u);
-                    mbar_expect_tx(full(s), rows * (kl / 2 + abytes));
+                    mbar_expect_tx(full(s), probe == 3 ? 0 : rows * (kl / 2 + abytes));
                 }
                 __syncwarp();
                 unsigned char *sb = st + s * L.stage_bytes;
-                if (row < rows) {
-                    const int64_t e = (n0 + row) * K + k0; /* first element of the row's slice */
+                if (n >= 0 && probe != 3) {
+                    const int64_t e = n * K + k0; /* first element of the row's slice */
                     if (lane < 16)
                         bulk_load(s_addr(sb + row * L.rs), packed + (e >> 1), (uint32_t)(kl / 2), full(s));
                     else if (abytes)
@@ -420,14 +441,14 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     }
 
     /* consumers: the lane-private decode table (linear4_staged's), then the tokens */
-    auto consumers_sync = [] { asm volatile("bar.sync 1, %0;\n" ::"n"(32 * STREAM_CW) : "memory"); };
+    auto consumers_sync = [] { asm volatile("bar.sync 1, %0;\n" ::"n"(32 * CW) : "memory"); };
     if (threadIdx.x < 16)
         table[threadIdx.x] = c_table4[codebook][threadIdx.x];
     consumers_sync();
     for (int i = threadIdx.x; i < 256 * 8; i += 32 * CW) {
         const int b = i >> 3;
         const uint32_t v = pack2<T>(table[b >> 4], table[b & 15]);
-        reinterpret_cast<uint4 *>(smem + 256)[i] = make_uint4(v, v, v, v);
+        reinterpret_cast<uint4 *>(smem + 256 + b * 256)[i & 7] = make_uint4(v, v, v, v);
     }
     consumers_sync();
     mbar_wait(xbar, 0);
@@ -440,7 +461,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     const unsigned char *xrow = xst + r * L.xs + t * (CK / 4) * 2;
     int s = 0, rb = 0;
     uint32_t phase = 0;
-    for (int64_t o = o_begin; o < o_end; o += 2, rb ^= 1) {
+    for (int tile = 0; tile < tiles; tile++, rb ^= 1) {
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (int j = 0; j < L.J; j++) {
             const int64_t k0 = (int64_t)j * L.ksl;
@@ -452,7 +473,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             const unsigned char *xk = xrow + k0 * 2;
             mbar_wait(full(s), phase);
 #pragma unroll 2
-            for (int c = c_lo; c < (probe ? c_lo : c_hi); c++) { /* probe (benchmark): the stream alone */
+            for (int c = c_lo; c < (probe == 1 || probe == 2 ? c_lo : c_hi); c++) { /* probes: the stream alone */
                 uint32_t wa[WORDS], wb[WORDS], xv[BYTES];
                 load_words_smem<BYTES>(w0 + c * CB, wa);
                 load_words_smem<BYTES>(w1 + c * CB, wb);
@@ -464,25 +485,27 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                                          : make_uint4(0, 0, 0, 0);
                     xv[i] = u.x; xv[i + 1] = u.y; xv[i + 2] = u.z; xv[i + 3] = u.w;
                 }
-                float tmp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+                /* one chain of MMAs a chunk: two chains (linear4_staged's) cost an FADD per
+                 * accumulator and were no faster here, where 16 warps hide the latency (run 30) */
+                float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
                 for (int q = 0; q < STEPS; q++) {
                     const uint32_t ua = wa[q >> 1], ub = wb[q >> 1];
                     uint32_t a[4];
                     a[0] = *reinterpret_cast<const uint32_t *>(
-                        lut_bytes + ((q & 1) ? lut_offset<2>(ua, lane4) : lut_offset<0>(ua, lane4)));
+                        lut_bytes + ((q & 1) ? lut256_offset<2>(ua, lane4) : lut256_offset<0>(ua, lane4)));
                     a[1] = *reinterpret_cast<const uint32_t *>(
-                        lut_bytes + ((q & 1) ? lut_offset<2>(ub, lane4) : lut_offset<0>(ub, lane4)));
+                        lut_bytes + ((q & 1) ? lut256_offset<2>(ub, lane4) : lut256_offset<0>(ub, lane4)));
                     a[2] = *reinterpret_cast<const uint32_t *>(
-                        lut_bytes + ((q & 1) ? lut_offset<3>(ua, lane4) : lut_offset<1>(ua, lane4)));
+                        lut_bytes + ((q & 1) ? lut256_offset<3>(ua, lane4) : lut256_offset<1>(ua, lane4)));
                     a[3] = *reinterpret_cast<const uint32_t *>(
-                        lut_bytes + ((q & 1) ? lut_offset<3>(ub, lane4) : lut_offset<1>(ub, lane4)));
-                    mma_16816<T>(tmp[q & 1], a, xv[2 * q], xv[2 * q + 1]);
+                        lut_bytes + ((q & 1) ? lut256_offset<3>(ub, lane4) : lut256_offset<1>(ub, lane4)));
+                    mma_16816<T>(tmp, a, xv[2 * q], xv[2 * q + 1]);
                 }
-                acc[0] = fmaf(tmp[0][0] + tmp[1][0], am0, acc[0]);
-                acc[1] = fmaf(tmp[0][1] + tmp[1][1], am0, acc[1]);
-                acc[2] = fmaf(tmp[0][2] + tmp[1][2], am1, acc[2]);
-                acc[3] = fmaf(tmp[0][3] + tmp[1][3], am1, acc[3]);
+                acc[0] = fmaf(tmp[0], am0, acc[0]);
+                acc[1] = fmaf(tmp[1], am0, acc[1]);
+                acc[2] = fmaf(tmp[2], am1, acc[2]);
+                acc[3] = fmaf(tmp[3], am1, acc[3]);
             }
             __syncwarp();
             if (lane == 0)
@@ -505,8 +528,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
         consumers_sync(); /* rr is complete; the other buffer's readers are done */
         if (threadIdx.x < M * 16) {
             const int m = threadIdx.x >> 4, row = threadIdx.x & 15;
-            const int64_t n = 8 * o + row;
-            if (row < 8 * (o_end - o) && n < N) { /* rows of this block only */
+            const int64_t n = tile_row(tile, row);
+            if (n >= 0) { /* rows of this block only */
                 float v = 0.0f;
 #pragma unroll 4
                 for (int w = 0; w < CW; w++)
@@ -523,24 +546,29 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
 /* The layout of linear4_stream for (M, K, group), or false where it does not apply:
  * bulk copies need 16-byte rows and offsets (K a multiple of 4 groups), and the tokens
  * plus at least 3 stages must fit in shared memory. */
-static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, StreamLayout *L, int *smem) {
+static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, int cw, int bytes,
+                          StreamLayout *L, int *smem) {
     const int64_t g = int64_t(1) << lg, q = 4 * g;
-    if (dev.cc < 90 || M > 8 || K % q != 0 || q > STREAM_KSL * 2)
+    if (dev.cc < 90 || M > 8 || K % q != 0)
         return false;
-    int64_t J = (K + STREAM_KSL - 1) / STREAM_KSL;
-    const int64_t ksl = ((K + J - 1) / J + q - 1) / q * q;
-    J = (K + ksl - 1) / ksl;
-    L->ksl = (int)ksl;
-    L->J = (int)J;
-    L->rs = (int)(ksl / 2 + 16);
-    L->as = (int)((ksl >> lg) + 4);
     L->xs = (int)(2 * K + 16);
-    L->off_red = 256 + 256 * 32 * 4;
-    L->off_x = L->off_red + 2 * STREAM_CW * 8 * 16 * 4;
+    L->off_red = 256 + 256 * 256; /* after the 64 KB decode table */
+    L->off_x = L->off_red + 2 * cw * 8 * 16 * 4;
     L->off_st = (int)((L->off_x + M * L->xs + 127) / 128 * 128);
-    L->stage_bytes = 16 * L->rs + 64 * L->as;
     const int64_t room = (int64_t)dev.smem_optin - L->off_st;
-    int64_t S = room / L->stage_bytes;
+    int64_t S = 0;
+    for (int64_t cap = STREAM_KSL; cap >= 1024 && cap >= q && S < 3; cap /= 2) { /* shorter stages
+                                                                                   where 3 do not fit */
+        int64_t J = (K + cap - 1) / cap;
+        const int64_t ksl = ((K + J - 1) / J + q - 1) / q * q;
+        J = (K + ksl - 1) / ksl;
+        L->ksl = (int)ksl;
+        L->J = (int)J;
+        L->rs = (int)(ksl / 2 + 4 * bytes);
+        L->as = (int)((ksl >> lg) + 4);
+        L->stage_bytes = 16 * L->rs + 64 * L->as;
+        S = room > 0 ? room / L->stage_bytes : 0;
+    }
     S = S > STREAM_MAX_STAGES ? STREAM_MAX_STAGES : S;
     if (S < 3)
         return false;
@@ -556,9 +584,11 @@ template <typename T, int BYTES>
 static int run_stream_bytes(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax,
                             const T *bias, T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook,
                             cudaStream_t stream) {
+    constexpr int CW = STREAM_CW;
     StreamLayout L;
     int smem = 0;
-    if (!aligned16(x) || !aligned16(packed) || !aligned16(absmax) || !stream_layout(dev, M, K, lg, &L, &smem))
+    if (!aligned16(x) || !aligned16(packed) || !aligned16(absmax) ||
+        !stream_layout(dev, M, K, lg, CW, BYTES, &L, &smem))
         return CQ_EUNSUPPORTED;
     auto kernel = linear4_stream<T, BYTES>;
     static unsigned long long smem_set; /* bit per device: the limit is the card's, once */
@@ -568,8 +598,8 @@ static int run_stream_bytes(const DeviceInfo &dev, const T *x, const uint8_t *pa
         return st;
     const int64_t octets = (N + 7) / 8;
     const unsigned grid = (unsigned)(octets < dev.sms ? octets : dev.sms);
-    kernel<<<grid, 32 * (STREAM_CW + 1), (size_t)smem, stream>>>(x, packed, absmax, bias, y, (int)M, N, K, lg,
-                                                                  codebook, L, knob(KNOB_SKINNY_PROBE));
+    kernel<<<grid, 32 * (CW + 1), (size_t)smem, stream>>>(x, packed, absmax, bias, y, (int)M, N, K, lg, codebook, L,
+                                                           knob(KNOB_SKINNY_PROBE));
     return check_launch("linear_4bit (streamed)");
 }
 
