@@ -133,23 +133,15 @@ def backend_for(device: torch.device) -> str:
     return "reference"  # mps, xpu, meta...: plain PyTorch
 
 
-def _dev(t: torch.Tensor) -> tuple[int, int]:
-    """(device code, stream handle) for _C."""
-    if t.device.type == "cuda":
-        idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        return 1, torch.cuda.current_stream(idx).cuda_stream
-    return 0, 0
-
-
-_NO_GUARD = contextlib.nullcontext()
-
-
-def _on_device(t: torch.Tensor):
-    """Context for a _C call on ``t``: the CUDA launchers run on the CUDA runtime's current
-    device, so a tensor on cuda:1 while cuda:0 is current would be launched on cuda:0.
-    torch.cuda.device makes t's device current and restores the old one (no device switch
-    when it already is current); nothing for a CPU tensor."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NO_GUARD
+def _native(fn, t: torch.Tensor, *args):
+    """Calls _C's ``fn(*args, device, stream, nthreads)`` for tensors on t's device. CUDA:
+    torch's current stream of that device, with the device made current for the call (the
+    CUDA launchers run on the runtime's current device, so a tensor on cuda:1 while cuda:0
+    is current would be launched on cuda:0; torch.cuda.device restores the old one)."""
+    if t.device.type != "cuda":
+        return fn(*args, 0, 0, _nthreads())
+    with torch.cuda.device(t.device):
+        return fn(*args, 1, torch.cuda.current_stream().cuda_stream, _nthreads())
 
 
 def _nthreads() -> int:
@@ -325,14 +317,12 @@ def _quantize_4bit(x: torch.Tensor, codebook: str, group_size: int) -> tuple[tor
     n = x.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(math.ceil(n / group_size), dtype=torch.float32, device=x.device)
-    dev, stream = _dev(x)
     try:
-        with _on_device(x):
-            _C.quantize_4bit(x.data_ptr(), L.DTYPE_CODES[x.dtype], packed.data_ptr(), absmax.data_ptr(),
-                             n, group_size, L.CODEBOOK_CODES[codebook], dev, stream, _nthreads())
+        _native(_C.quantize_4bit, x, x.data_ptr(), L.DTYPE_CODES[x.dtype], packed.data_ptr(), absmax.data_ptr(),
+                n, group_size, L.CODEBOOK_CODES[codebook])
     except ValueError as e:
         raise _nonfinite_error("weight", x, e) from None
-    if dev == 1:
+    if x.device.type == "cuda":
         _check_finite_scales(absmax, "weight", x)
     return packed, absmax
 
@@ -351,10 +341,8 @@ def _dequantize_4bit(packed, absmax, codebook, group_size, shape, dtype) -> torc
     if backend_for(packed.device) == "reference":
         return reference.dequantize_4bit(packed, absmax, codebook, group_size, shape, dtype)
     y = torch.empty(shape, dtype=dtype, device=packed.device)
-    dev, stream = _dev(packed)
-    with _on_device(packed):
-        _C.dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), y.data_ptr(), L.DTYPE_CODES[dtype], n,
-                           group_size, L.CODEBOOK_CODES[codebook], dev, stream, _nthreads())
+    _native(_C.dequantize_4bit, packed, packed.data_ptr(), absmax.data_ptr(), y.data_ptr(), L.DTYPE_CODES[dtype],
+            n, group_size, L.CODEBOOK_CODES[codebook])
     return y
 
 
@@ -378,7 +366,6 @@ def _linear_4bit(x, packed, absmax, codebook, group_size, shape, bias) -> torch.
     if M > fused_max_m(codebook, backend, x.dtype):
         w = _dequantize_4bit(packed, absmax, codebook, group_size, (N, K), x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-    dev, stream = _dev(x)
     # CUDA keeps x's dtype; the CPU kernels take float32 x, or bfloat16 x at level
     # avx512bf16 (weights rounded to bf16 as dequantize writes them), and a float32 bias.
     if backend == "cuda" or (x.dtype == torch.bfloat16 and cpu_bf16_linear()):
@@ -388,10 +375,8 @@ def _linear_4bit(x, packed, absmax, codebook, group_size, shape, bias) -> torch.
     x2 = x.reshape(M, K).to(dtype).contiguous()
     b = None if bias is None else bias.to(dtype if backend == "cuda" else torch.float32).contiguous()
     y = torch.empty(M, N, dtype=dtype, device=x.device)
-    with _on_device(x):
-        _C.linear_4bit(x2.data_ptr(), L.DTYPE_CODES[dtype], packed.data_ptr(), absmax.data_ptr(),
-                       0 if b is None else b.data_ptr(), y.data_ptr(), M, N, K, group_size,
-                       L.CODEBOOK_CODES[codebook], dev, stream, _nthreads())
+    _native(_C.linear_4bit, x, x2.data_ptr(), L.DTYPE_CODES[dtype], packed.data_ptr(), absmax.data_ptr(),
+            0 if b is None else b.data_ptr(), y.data_ptr(), M, N, K, group_size, L.CODEBOOK_CODES[codebook])
     return y.to(x.dtype).reshape(*lead, N)
 
 
@@ -405,14 +390,12 @@ def _quantize_int8_tiles(x2d: torch.Tensor, gn: int, gk: int, name: str) -> tupl
             raise _nonfinite_error(name, x2d, e) from None
     q = torch.empty(N, K, dtype=torch.int8, device=x2d.device)
     scale = torch.empty(math.ceil(N / gn), math.ceil(K / gk), dtype=torch.float32, device=x2d.device)
-    dev, stream = _dev(x2d)
     try:
-        with _on_device(x2d):
-            _C.quantize_int8(x2d.data_ptr(), L.DTYPE_CODES[x2d.dtype], q.data_ptr(), scale.data_ptr(),
-                             N, K, gn, gk, dev, stream, _nthreads())
+        _native(_C.quantize_int8, x2d, x2d.data_ptr(), L.DTYPE_CODES[x2d.dtype], q.data_ptr(), scale.data_ptr(),
+                N, K, gn, gk)
     except ValueError as e:
         raise _nonfinite_error(name, x2d, e) from None
-    if dev == 1 and name == "weight":
+    if x2d.device.type == "cuda" and name == "weight":
         _check_finite_scales(scale, name, x2d)
     return q, scale
 
@@ -443,10 +426,8 @@ def _dequantize_int8(q, scale, layout, group_size, dtype) -> torch.Tensor:
     N, K = q.shape
     gn, gk = L.int8_tile(layout, group_size, K)
     y = torch.empty(N, K, dtype=dtype, device=q.device)
-    dev, stream = _dev(q)
-    with _on_device(q):
-        _C.dequantize_int8(q.data_ptr(), scale.data_ptr(), y.data_ptr(), L.DTYPE_CODES[dtype], N, K, gn, gk,
-                           dev, stream, _nthreads())
+    _native(_C.dequantize_int8, q, q.data_ptr(), scale.data_ptr(), y.data_ptr(), L.DTYPE_CODES[dtype], N, K,
+            gn, gk)
     return y
 
 
@@ -479,27 +460,23 @@ def _linear_int8(x, q, scale, layout, group_size, bias, act_quant) -> torch.Tens
     if M == 0:
         return x.new_empty(*lead, N)
     gn, gk = L.int8_tile(layout, group_size, K)
-    dev, stream = _dev(x)
     out_dtype = x.dtype if backend == "cuda" else torch.float32
     b = None if bias is None else bias.to(out_dtype).contiguous()
     if act_quant:
         x2 = x.reshape(M, K).contiguous()
         xq, xs = _quantize_int8_tiles(x2, 1, L.act_group_k(layout, group_size, K), "x")
         y = torch.empty(M, N, dtype=out_dtype, device=x.device)
-        with _on_device(x):
-            _C.gemm_int8(xq.data_ptr(), xs.data_ptr(), q.data_ptr(), scale.data_ptr(),
-                         0 if b is None else b.data_ptr(), y.data_ptr(), L.DTYPE_CODES[out_dtype],
-                         M, N, K, xs.shape[1], gn, gk, dev, stream, _nthreads())
+        _native(_C.gemm_int8, x, xq.data_ptr(), xs.data_ptr(), q.data_ptr(), scale.data_ptr(),
+                0 if b is None else b.data_ptr(), y.data_ptr(), L.DTYPE_CODES[out_dtype], M, N, K, xs.shape[1],
+                gn, gk)
         return y.to(x.dtype).reshape(*lead, N)
     if M > fused_max_m(layout, backend, x.dtype):
         w = _dequantize_int8(q, scale, layout, group_size, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(M, K).to(out_dtype).contiguous()
     y = torch.empty(M, N, dtype=out_dtype, device=x.device)
-    with _on_device(x):
-        _C.linear_int8(x2.data_ptr(), L.DTYPE_CODES[out_dtype], q.data_ptr(), scale.data_ptr(),
-                       0 if b is None else b.data_ptr(), y.data_ptr(), M, N, K, gn, gk, dev, stream,
-                       _nthreads())
+    _native(_C.linear_int8, x, x2.data_ptr(), L.DTYPE_CODES[out_dtype], q.data_ptr(), scale.data_ptr(),
+            0 if b is None else b.data_ptr(), y.data_ptr(), M, N, K, gn, gk)
     return y.to(x.dtype).reshape(*lead, N)
 
 
@@ -518,10 +495,8 @@ def _dequantize_absmax_nested(codes, nested_absmax, code, offset) -> torch.Tenso
     if backend_for(codes.device) == "reference":
         return reference.dequantize_absmax_nested(codes, nested_absmax, code, offset_t.to(codes.device))
     out = torch.empty(G, dtype=torch.float32, device=codes.device)
-    dev, stream = _dev(codes)
-    with _on_device(codes):
-        _C.dequantize_absmax(codes.data_ptr(), nested_absmax.data_ptr(), code.data_ptr(), float(offset_t),
-                             out.data_ptr(), G, dev, stream, _nthreads())
+    _native(_C.dequantize_absmax, codes, codes.data_ptr(), nested_absmax.data_ptr(), code.data_ptr(),
+            float(offset_t), out.data_ptr(), G)
     return out
 
 
