@@ -285,14 +285,7 @@ static CQ_BF16 void linear_gemv(const uint16_t *x, const uint8_t *packed, const 
         else                                                                                     \
             gemv_column(x, packed, absmax, table, bias, y, N, K, cshift, n, m0, MT);             \
     } while (0)
-        for (; m0 + 4 <= M; m0 += 4)
-            COL(4);
-        if (m0 + 2 <= M) {
-            COL(2);
-            m0 += 2;
-        }
-        if (m0 < M)
-            COL(1);
+        CQ_ROW_TILES_4_2_1(m0, M, COL);
 #undef COL
     }
     free(xe);

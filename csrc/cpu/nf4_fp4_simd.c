@@ -366,16 +366,7 @@ static CQ_AVX512 int linear_4bit_avx512(const float *restrict x, const uint8_t *
 #define COL(MT) linear_column_avx512(x, packed, absmax, bias, y, table_s, table, N, K, group, n, m0, MT)
         for (; m0 + 8 <= M; m0 += 8)
             COL(8);
-        if (m0 + 4 <= M) {
-            COL(4);
-            m0 += 4;
-        }
-        if (m0 + 2 <= M) {
-            COL(2);
-            m0 += 2;
-        }
-        if (m0 < M)
-            COL(1);
+        CQ_ROW_TILES_4_2_1(m0, M, COL); /* at most one tile of 4 is left */
 #undef COL
     }
     return CQ_OK;
@@ -718,14 +709,7 @@ static CQ_AVX2 int linear_4bit_avx2(const float *restrict x, const uint8_t *rest
     for (int64_t n = n0; n < n1; n++) {
         int64_t m0 = 0;
 #define COL(MT) linear_column_avx2(x, packed, absmax, bias, y, table_s, tlo, thi, N, K, group, n, m0, MT)
-        for (; m0 + 4 <= M; m0 += 4)
-            COL(4);
-        if (m0 + 2 <= M) {
-            COL(2);
-            m0 += 2;
-        }
-        if (m0 < M)
-            COL(1);
+        CQ_ROW_TILES_4_2_1(m0, M, COL);
 #undef COL
     }
     return CQ_OK;

@@ -33,4 +33,19 @@ static inline uint8_t cq_code_4bit(float s, int codebook) {
     return (uint8_t)(cq_fp4_mag_code[c] | (s < 0.0f ? 8 : 0));
 }
 
+/* TILE(MT) for the rows m0 .. M of x in tiles of 4, then 2, then 1 (m0 advances past
+ * them): the row tiling of the CPU 4-bit linears, whose column kernels are unrolled for
+ * these tile heights (AVX-512 float32 takes tiles of 8 first). */
+#define CQ_ROW_TILES_4_2_1(m0, M, TILE)     \
+    do {                                    \
+        for (; (m0) + 4 <= (M); (m0) += 4)  \
+            TILE(4);                        \
+        if ((m0) + 2 <= (M)) {              \
+            TILE(2);                        \
+            (m0) += 2;                      \
+        }                                   \
+        if ((m0) < (M))                     \
+            TILE(1);                        \
+    } while (0)
+
 #endif
