@@ -40,8 +40,17 @@ typedef struct {
 
 static module_state *get_state(PyObject *module) { return (module_state *)PyModule_GetState(module); }
 
-#define level_names cq_cpu_level_names
-#define LEVEL_LIST "ref, avx2, avx512, avx512vnni, avx512bf16"
+/* "ref, avx2, ..." (cq_cpu_level_names), for messages; built once, under the GIL */
+static const char *level_list(void) {
+    static char list[128];
+    if (!list[0])
+        for (int i = 0; i < CQ_CPU_LEVELS; i++) {
+            if (i)
+                strcat(list, ", ");
+            strcat(list, cq_cpu_level_names[i]);
+        }
+    return list;
+}
 
 static void set_level(module_state *st, int level) {
     cq_cpu_kernels_for_level(level, &st->kernels);
@@ -332,7 +341,7 @@ static int check_cpu_linear_4bit_dtype(module_state *st, int device, int dtype) 
     PyErr_Format(PyExc_ValueError,
                  "x: the CPU kernel takes float32 (code %d), or bfloat16 (code %d) at CPU level "
                  "avx512bf16; got code %d at level %s",
-                 CQ_F32, CQ_BF16, dtype, level_names[st->cpu_level]);
+                 CQ_F32, CQ_BF16, dtype, cq_cpu_level_names[st->cpu_level]);
     return -1;
 }
 
@@ -601,7 +610,7 @@ static PyObject *py_cpu_levels(PyObject *module, PyObject *unused) {
     for (int i = 0; i < CQ_CPU_LEVELS; i++) {
         if (!cq_cpu_level_supported(i))
             continue;
-        PyObject *s = PyUnicode_FromString(level_names[i]);
+        PyObject *s = PyUnicode_FromString(cq_cpu_level_names[i]);
         if (!s || PyList_Append(list, s) < 0) {
             Py_XDECREF(s);
             Py_DECREF(list);
@@ -614,7 +623,7 @@ static PyObject *py_cpu_levels(PyObject *module, PyObject *unused) {
 
 static PyObject *py_cpu_level(PyObject *module, PyObject *unused) {
     (void)unused;
-    return PyUnicode_FromString(level_names[get_state(module)->cpu_level]);
+    return PyUnicode_FromString(cq_cpu_level_names[get_state(module)->cpu_level]);
 }
 
 /* cpu_kernels(): {entry: the level whose kernel serves it now, or None where no level up
@@ -644,7 +653,7 @@ static PyObject *py_cpu_kernels(PyObject *module, PyObject *unused) {
                 from = l;
                 break;
             }
-        PyObject *v = from < 0 ? Py_NewRef(Py_None) : PyUnicode_FromString(level_names[from]);
+        PyObject *v = from < 0 ? Py_NewRef(Py_None) : PyUnicode_FromString(cq_cpu_level_names[from]);
         if (!v || PyDict_SetItemString(d, entries[i].name, v) < 0) {
             Py_XDECREF(v);
             Py_DECREF(d);
@@ -657,20 +666,20 @@ static PyObject *py_cpu_kernels(PyObject *module, PyObject *unused) {
 
 static int level_from_name(const char *name) {
     for (int i = 0; i < CQ_CPU_LEVELS; i++)
-        if (strcmp(name, level_names[i]) == 0)
+        if (strcmp(name, cq_cpu_level_names[i]) == 0)
             return i;
     return -1;
 }
 
-/* set_cpu_level(name): force a SIMD level (one of LEVEL_LIST) for tests. */
+/* set_cpu_level(name): force a SIMD level (one of cq_cpu_level_names) for tests. */
 static PyObject *py_set_cpu_level(PyObject *module, PyObject *args) {
     const char *name;
     if (!PyArg_ParseTuple(args, "s", &name))
         return NULL;
     int level = level_from_name(name);
     if (level < 0)
-        return PyErr_Format(PyExc_ValueError, "unknown CPU level %R; known: " LEVEL_LIST,
-                            PyTuple_GetItem(args, 0));
+        return PyErr_Format(PyExc_ValueError, "unknown CPU level %R; known: %s", PyTuple_GetItem(args, 0),
+                            level_list());
     if (!cq_cpu_level_supported(level))
         return PyErr_Format(PyExc_ValueError, "this CPU does not support level %s", name);
     set_level(get_state(module), level);
@@ -762,8 +771,8 @@ static int module_exec(PyObject *module) {
     if (forced && *forced) {
         int f = level_from_name(forced);
         if (f < 0 || !cq_cpu_level_supported(f)) {
-            PyErr_Format(PyExc_ImportError,
-                         "COMFY_QUANT_CPU=%s is not a level this CPU runs (" LEVEL_LIST ")", forced);
+            PyErr_Format(PyExc_ImportError, "COMFY_QUANT_CPU=%s is not a level this CPU runs (%s)", forced,
+                         level_list());
             return -1;
         }
         level = f;
