@@ -321,15 +321,16 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * and so are their absmax), through a ring of shared-memory stages filled by the bulk copy
  * engine. One producer warp issues a stage (16 rows x up to 4096 k) as 32 row copies (16
  * weight rows padded by one chunk's bytes and 16 absmax rows padded by 16 bytes, so that
- * the fragment loads are conflict-free); 16 consumer warps split each stage's k between them and meet once a
- * 16-row tile in shared memory (added in warp order: deterministic). The tokens are staged
- * once. Transposed against linear4_staged: y^T = W x^T, so the 16 rows of the MMA are
+ * the fragment loads are conflict-free); 16 consumer warps split each stage's k between
+ * them and meet once a 16-row tile in shared memory (added in warp order: deterministic).
+ * The tokens are staged once. Transposed against linear4_staged: y^T = W x^T, so the 16 rows of the MMA are
  * weight rows (A, decoded by a lane-private table like linear4_staged's, with 256-byte
  * entries: lut256_offset) and its 8 columns are tokens (B, straight from the staged x): no
  * padding of 1-8 tokens to 16, half the MMAs.
  * Why (runs 5-9 and 20 of docs/CUDA_NOTES.md): linear4_staged streams short K slices with
- * cp.async, 2 stages deep, and waits about one memory latency a stage; here 4-6 stages are
- * in flight an SM, issued by one thread, and there is no split-K between blocks. */
+ * cp.async, 2 stages deep, and waits about one memory latency a stage; here 3-8 stages are
+ * in flight an SM, issued by one thread, and there is no split-K between blocks. What bounds
+ * it now is the consumers' decode (runs 28-31). */
 /* consumer warps: 24 or 30 were slower than 16 (run 29): the consumers are bound by their
  * instruction issue and shared-memory wavefronts, not by latency */
 constexpr int STREAM_CW = 16;
