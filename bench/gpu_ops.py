@@ -391,6 +391,7 @@ def main():
     ap.add_argument("--json", help="write all rows here")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="M values, e.g. 1,16")
     ap.add_argument("--linear-only", action="store_true", help="skip the dequantize/quantize rows")
+    ap.add_argument("--quant-only", action="store_true", help="only the dequantize/quantize rows")
     args = ap.parse_args()
     backends = ops.list_backends()
     if backends["cuda"] is not None:
@@ -413,8 +414,9 @@ def main():
     if not args.linear_only:
         bench_dequant_quant(bw, rows, shapes)
         print("dequant/quant done", flush=True)
-    bench_linear(rows, shapes, [int(t) for t in args.tokens.split(",")], have_bnb)
-    print("linear done", flush=True)
+    if not args.quant_only:
+        bench_linear(rows, shapes, [int(t) for t in args.tokens.split(",")], have_bnb)
+        print("linear done", flush=True)
     if args.variants or args.variants_4bit:
         bench_variants(rows, only_4bit=args.variants_4bit)
     if args.json:

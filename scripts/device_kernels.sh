@@ -30,7 +30,7 @@ else
 fi
 echo "# ready in $(( $(date +%s) - start )) s"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
-"$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py ${KEXPR:+-k "$KEXPR"} 2>&1 | tail -15
+"$PY" -m pytest -q -x -p no:cacheprovider -W ignore::DeprecationWarning tests/test_cuda.py ${KEXPR:+-k "$KEXPR"} 2>&1 | tail -15
 echo "# tests done at $(( $(date +%s) - start )) s"
 "$PY" bench/gpu_ops.py --json "$OUTDIR/gpu_ops.json" "$@" 2>&1 | tee "$OUTDIR/gpu_ops.md"
 echo "# done at $(( $(date +%s) - start )) s"

@@ -70,7 +70,8 @@ def weight(N, K, dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------- 4-bit
-SHAPES_4BIT = [(1, 1), (1, 7), (3, 21), (63, 1), (65, 1), (1, 4096 + 33), (5, 129), (32, 96), (7, 1000)]
+SHAPES_4BIT = [(1, 1), (1, 7), (3, 21), (63, 1), (65, 1), (1, 4096 + 33), (5, 129), (32, 96), (7, 1000),
+               (9, 2000 + 8)]  # the last: blocks of 8192 values (4 chunks of 8 a thread) and a partial one
 
 
 @pytest.mark.parametrize("codebook", ["nf4", "fp4"])
@@ -327,7 +328,8 @@ def test_linear_4bit_op_paths(M):
 
 # ----------------------------------------------------------------------------- int8
 INT8_SHAPES = [(1, 1), (1, 33), (7, 5), (130, 129), (64, 512), (257, 300), (3, 1024 + 8), (2, 3072), (3, 4088),
-               (2, 8200), (3, 12288), (2, 16384), (2, 16392)]  # row widths of each row-kernel's P
+               (2, 8200), (3, 12288), (2, 16384), (2, 16392),  # row widths of each row-kernel's P
+               (257, 264)]  # one-pass tiles: a partial tile in both directions, rows a multiple of 8
 
 
 @pytest.mark.parametrize("layout,group", [("int8_block", 128), ("int8_block", 32), ("int8_lode", 128),

@@ -104,6 +104,31 @@ __device__ __forceinline__ void load8(const T *p, float v[8]) {
         v[i] = to_f32(h[i]);
 }
 
+/* Eight consecutive elements kept raw (4 registers for 16-bit types, 8 for float): a
+ * kernel issues all its loads into these before converting any, so they are in flight
+ * together (bandwidth-bound kernels are bound by the loads in flight). */
+template <typename T> struct Raw8 { uint4 w[sizeof(T) / 2]; };
+template <typename T> __device__ __forceinline__ Raw8<T> load_raw8(const T *p) {
+    Raw8<T> r;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(T) / 2); i++)
+        r.w[i] = __ldg(reinterpret_cast<const uint4 *>(p) + i);
+    return r;
+}
+template <typename T> __device__ __forceinline__ Raw8<T> zero_raw8() {
+    Raw8<T> r;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(T) / 2); i++)
+        r.w[i] = make_uint4(0, 0, 0, 0);
+    return r;
+}
+template <typename T> __device__ __forceinline__ void unpack8(const Raw8<T> &r, float v[8]) {
+    const T *h = reinterpret_cast<const T *>(r.w);
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        v[i] = to_f32(h[i]);
+}
+
 /* |x| as ordered bits: finite < Inf < NaN, so an integer max propagates NaN. */
 __device__ __forceinline__ uint32_t abs_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
 

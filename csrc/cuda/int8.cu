@@ -5,6 +5,7 @@
  * scale = amax / 127 and x / scale with IEEE division (__fdiv_rn), round half to
  * even (__float2int_rn), amax by an integer max on |x| bits so NaN propagates. */
 #include "launchers.cuh"
+#include "quant_stream.cuh"
 
 namespace cq {
 
@@ -21,15 +22,36 @@ __device__ __forceinline__ int8_t quant_one(float v, float s) {
     return (int8_t)q;
 }
 
-/* Eight values quantized with scale s, packed little-endian. */
+/* Eight values quantized with scale s, packed little-endian, bit-identical to quant_one
+ * but without a division a value. With r = rn(1 / s) and q0 = rn(v r), two correction
+ * steps q <- rn(q + rn(v - q s) r) (FMAs) give the IEEE quotient fl(v / s), as the
+ * division's own fast path does; the first is needed because q0 can be 1.2 ulp off near
+ * the top of a binade, and the second then has an exact remainder (Markstein). s in
+ * [2^-100, 2^100] keeps every step normal. Checked against numpy's division on 191 M
+ * values of bf16, fp16 and float32 groups (none differed, and none after one step).
+ * Adding 1.5 * 2^23 rounds the quotient to an integer, ties to even as __float2int_rn,
+ * in the low mantissa bits, whose low byte is the code. No clamp: callers pass
+ * s = fl(amax / 127) for the amax of these values' own group, so |fl(v / s)| < 127.0001.
+ * This keeps the quarter-rate MUFU.RCP and F2I of quant_one off the per-value path.
+ * Other s (zero, tiny, huge, Inf, NaN) take quant_one. */
 __device__ __forceinline__ uint2 quant8(const float v[8], float s) {
-    uint32_t lo = 0, hi = 0;
+    uint32_t b[8];
+    if (s >= 0x1p-100f && s <= 0x1p100f) {
+        const float r = __fdiv_rn(1.0f, s);
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
-        lo |= (uint32_t)(uint8_t)quant_one(v[j], s) << (8 * j);
-        hi |= (uint32_t)(uint8_t)quant_one(v[j + 4], s) << (8 * j);
+        for (int j = 0; j < 8; j++) {
+            float q = __fmul_rn(v[j], r);
+            q = __fmaf_rn(__fmaf_rn(-q, s, v[j]), r, q);
+            q = __fmaf_rn(__fmaf_rn(-q, s, v[j]), r, q);
+            b[j] = __float_as_uint(__fadd_rn(q, 0x1.8p23f));
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            b[j] = (uint32_t)(uint8_t)quant_one(v[j], s);
     }
-    return make_uint2(lo, hi);
+    return make_uint2(__byte_perm(__byte_perm(b[0], b[1], 0x40), __byte_perm(b[2], b[3], 0x40), 0x5410),
+                      __byte_perm(__byte_perm(b[4], b[5], 0x40), __byte_perm(b[6], b[7], 0x40), 0x5410));
 }
 
 template <typename T, bool VEC>
@@ -82,6 +104,27 @@ quant_int8_spans(const T *__restrict__ x, int8_t *__restrict__ q, float *__restr
     if (k < K)
         store_row8<VEC>(q + n * K, k, K, quant8(v, s));
 }
+
+/* The int8 op of quant_stream_kernel (int8_lodewise, rows a multiple of 256 wide, so
+ * the groups tile the flat array): scale = amax / 127 over G / 8 lanes, 8 codes a lane
+ * (q 8-byte aligned). */
+struct QuantInt8FlatOp {
+    int8_t *q;
+    float *scale;
+    int log2_group;
+    __device__ __forceinline__ void setup(float2 *) const {}
+    __device__ __forceinline__ void operator()(int64_t i0, const float v[8], int lane, const float2 *) const {
+        uint32_t amax = 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            amax = max(amax, abs_bits(v[j]));
+        amax = warp_max_u32(amax, 1 << (log2_group - 3));
+        const float s = __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+        if ((i0 & ((int64_t(1) << log2_group) - 1)) == 0)
+            scale[i0 >> log2_group] = s;
+        *reinterpret_cast<uint2 *>(q + i0) = quant8(v, s);
+    }
+};
 
 /* Scale of a tile quantized by one block of up to 256 threads (whole warps): amax / 127
  * over every thread's amax bits (through warp_amax[8] in shared memory), the same value
@@ -223,6 +266,58 @@ quant_int8_wide(const T *__restrict__ x, int8_t *__restrict__ q, float *__restri
 }
 
 /* ---------------------------------------------------------------- quantize, gn > 1 */
+/* quant_int8_tileraw: a block of 256 threads per gn x gk tile of up to 2048 * P values
+ * (int8_blockwise 128 x 128: P = 8), 16-bit values, rows a multiple of 8 wide and
+ * 16-byte aligned. A thread takes 8 values of P rows (a row segment is gk / 8 threads),
+ * issues all P loads before using any and keeps them raw: one pass, amax over the block,
+ * then quantize from registers. The two-pass quant_int8_tiles below, a load at a time,
+ * reached 46% of copy bandwidth (H200). */
+template <typename T, int P>
+__global__ void __launch_bounds__(256, 4) /* 4 blocks an SM: at most 64 registers */
+quant_int8_tileraw(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N,
+                   int64_t K, int64_t gn, int64_t gk) {
+    __shared__ uint32_t warp_amax[8];
+    const int64_t kb = (K + gk - 1) / gk;
+    const int64_t tile_n = blockIdx.y, tile_k = blockIdx.x;
+    const int64_t n_lo = tile_n * gn, n_hi = n_lo + gn < N ? n_lo + gn : N;
+    const int64_t k_lo = tile_k * gk, k_hi = k_lo + gk < K ? k_lo + gk : K;
+    const int tps = (int)(gk / 8); /* threads along a row segment */
+    const int rows_per_pass = 256 / tps;
+    const int tr = threadIdx.x / tps, tc = threadIdx.x - tr * tps;
+    /* rows of this tile (the last tile row may be short); chunk p is row tr + p * rows_per_pass */
+    const int rows = (int)((gn < n_hi - n_lo ? gn : n_hi - n_lo));
+    const bool col_live = tr < rows_per_pass && k_lo + tc * 8 < k_hi;
+    const int64_t offset = (n_lo + tr) * K + k_lo + tc * 8, stride = (int64_t)rows_per_pass * K;
+    Raw8<T> raw[P];
+#pragma unroll
+    for (int p = 0; p < P; p++)
+        raw[p] = col_live && tr + p * rows_per_pass < rows ? load_raw8(x + offset + p * stride) : zero_raw8<T>();
+    uint32_t amax = 0; /* zero padding leaves the max alone */
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+        float v[8];
+        unpack8(raw[p], v);
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            amax = max(amax, abs_bits(v[j]));
+    }
+    /* opaque to the compiler: the floats of the amax pass are not kept for the second */
+#pragma unroll
+    for (int p = 0; p < P; p++)
+        asm volatile("" : "+r"(raw[p].w[0].x), "+r"(raw[p].w[0].y), "+r"(raw[p].w[0].z), "+r"(raw[p].w[0].w));
+    const float s = block_scale(amax, warp_amax);
+    if (threadIdx.x == 0)
+        scale[tile_n * kb + tile_k] = s;
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+        if (col_live && tr + p * rows_per_pass < rows) {
+            float v[8];
+            unpack8(raw[p], v);
+            *reinterpret_cast<uint2 *>(q + offset + p * stride) = quant8(v, s);
+        }
+    }
+}
+
 /* quant_int8_tiles: a block of 256 threads per gn x gk tile; each thread 8 values a
  * pass; amax over the block, then a second pass quantizes. */
 template <typename T, bool VEC>
@@ -273,7 +368,16 @@ static int quantize_int8_t(const T *x, int8_t *q, float *scale, int64_t N, int64
     /* 16-byte loads need every row start aligned: K a multiple of 8 values */
     const bool vec = aligned16(x) && K % 8 == 0 && (reinterpret_cast<uintptr_t>(q) & 7u) == 0 &&
                      (gk % 8 == 0 || gk >= K);
-    if (gn == 1 && pow2(gk) && gk >= 32 && gk <= 256) {
+    if (gn == 1 && pow2(gk) && gk >= 32 && gk <= 256 && K % 256 == 0 && vec) {
+        static int per_sm;
+        const int64_t items = N * K / 256;
+        unsigned grid = 0;
+        int st = stream_grid(quant_stream_kernel<T, QuantInt8FlatOp>, items, &per_sm, &grid, "quantize_int8");
+        if (st)
+            return st;
+        quant_stream_kernel<T, QuantInt8FlatOp><<<grid, 256, 0, stream>>>(x, items,
+                                                                         QuantInt8FlatOp{q, scale, log2i(gk)});
+    } else if (gn == 1 && pow2(gk) && gk >= 32 && gk <= 256) {
         const int64_t warps = N * ((K + 255) / 256);
         const unsigned grid = grid_for(warps * 32, 256);
         if (vec)
@@ -317,6 +421,22 @@ static int quantize_int8_t(const T *x, int8_t *q, float *scale, int64_t N, int64
         dim3 grid((unsigned)((K + gk - 1) / gk), (unsigned)((N + gn - 1) / gn));
         if (grid.y > 65535)
             return CQ_EUNSUPPORTED;
+        /* rows of the tile a thread holds in the one-pass kernel: gn / (256 / (gk / 8)) */
+        const int64_t rows_a_thread = gk <= 2048 ? (gn + 256 / (gk / 8) - 1) / (256 / (gk / 8)) : 0;
+        if constexpr (sizeof(T) == 2) {
+            if (vec && rows_a_thread > 0 && rows_a_thread <= 8) {
+                auto run = [&](auto kernel) { kernel<<<grid, 256, 0, stream>>>(x, q, scale, N, K, gn, gk); };
+                if (rows_a_thread <= 1)
+                    run(quant_int8_tileraw<T, 1>);
+                else if (rows_a_thread <= 2)
+                    run(quant_int8_tileraw<T, 2>);
+                else if (rows_a_thread <= 4)
+                    run(quant_int8_tileraw<T, 4>);
+                else
+                    run(quant_int8_tileraw<T, 8>);
+                return check_launch("quantize_int8");
+            }
+        }
         if (vec)
             quant_int8_tiles<T, true><<<grid, 256, 0, stream>>>(x, q, scale, N, K, gn, gk);
         else

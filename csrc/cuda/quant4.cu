@@ -4,6 +4,7 @@
  * contraction), NaN-propagating integer max for absmax, round-to-nearest-even
  * conversions. Both are bandwidth-bound: wide, coalesced loads and stores. */
 #include "launchers.cuh"
+#include "quant_stream.cuh"
 
 namespace cq {
 
@@ -134,7 +135,9 @@ __device__ __forceinline__ uint32_t fp4_code(float s, const float *mid) {
     return code | (s < 0.0f ? 8u : 0u);
 }
 
-/* quant4_kernel: 8 values a thread; group / 8 threads share a group (at least 4).
+/* quant4_kernel: 8 values a thread; group / 8 threads share a group (at least 4). It
+ * serves groups over 256 values, unaligned input and the last < 256 values of a tensor
+ * (quant_stream_kernel the rest).
  * Groups of up to 256 values reduce inside a warp; larger ones across the warps of
  * the block, which then has max(256, group / 8) threads. */
 template <typename InT, bool VEC>
@@ -196,18 +199,108 @@ quant4_kernel(const InT *__restrict__ x, uint8_t *__restrict__ packed, float *__
     }
 }
 
+/* Nearest code by one table lookup (quant_stream_kernel). cell(s) = 8 mantissa bits of
+ * fma(s, 1/4, 3): for |s| < 4 (|s| <= 1 + 2^-23 here) it is monotone in s, and a cell is
+ * 1/32 wide, narrower than any gap between two midpoints (NF4 0.080, FP4 magnitudes
+ * 0.083), so it holds at most one. Entry j of the table is (the midpoint m_j whose cell
+ * is j, else 8; the count of midpoints in lower cells). Monotony puts every midpoint of a
+ * lower cell below s and of a higher cell above it, so the code (the count of midpoints
+ * below s, formats.h; FP4: of |s|) is count_j + (s > m_j): one lookup and one compare
+ * where the binary search took two lookups, four compares and their selects (the 4-bit
+ * quantize was instruction-bound at 42-43% of copy bandwidth on the H200). Built on the
+ * device with its own fma, so the table and the lookup round alike; bit-identical to the
+ * search (tests/test_cuda.py). */
+__device__ __forceinline__ uint32_t code_cell(float s) {
+    return (__float_as_uint(fmaf(s, 0.25f, 3.0f)) >> 15) & 255u;
+}
+
+/* The 4-bit op of quant_stream_kernel: absmax over G / 8 lanes, the nearest code of each
+ * value by its cell, 4 bytes of codes a lane (packed 4-byte aligned). */
+template <int CODEBOOK>
+struct Quant4Op {
+    uint8_t *packed;
+    float *absmax;
+    int log2_group;
+    static constexpr int codebook = CODEBOOK;
+    __device__ __forceinline__ void setup(float2 *table) const {
+        const uint32_t j = threadIdx.x;
+        const int mids = codebook == CQ_NF4 ? 15 : 7;
+        float m = 8.0f;
+        uint32_t below = 0; /* midpoints in lower cells: the code rank below m */
+        for (int i = 0; i < mids; i++) {
+            const float mi = codebook == CQ_NF4 ? c_nf4_mid[i] : c_fp4_mid[i];
+            const uint32_t c = code_cell(mi);
+            below += c < j;
+            m = c == j ? mi : m;
+        }
+        table[j] = make_float2(m, __uint_as_float(below));
+    }
+    /* the count of midpoints below s (FP4: below |s|, a magnitude rank -> code, sign) */
+    __device__ __forceinline__ uint32_t code(float s, const float2 *table) const {
+        if constexpr (CODEBOOK == CQ_NF4) {
+            const float2 e = table[code_cell(s)];
+            return __float_as_uint(e.y) + (s > e.x ? 1u : 0u);
+        } else {
+            const float a = fabsf(s);
+            const float2 e = table[code_cell(a)];
+            const uint32_t rank = __float_as_uint(e.y) + (a > e.x ? 1u : 0u);
+            /* ranks -> 3-bit codes {0, 1, 6, 7, 4, 5, 2, 3}, as nibbles */
+            return ((0x32547610u >> (4 * rank)) & 7u) | (s < 0.0f ? 8u : 0u);
+        }
+    }
+    __device__ __forceinline__ void operator()(int64_t i0, const float v[8], int lane, const float2 *table) const {
+        uint32_t amax = 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            amax = max(amax, abs_bits(v[j]));
+        amax = warp_max_u32(amax, 1 << (log2_group - 3));
+        const float a = __uint_as_float(amax);
+        if ((i0 & ((int64_t(1) << log2_group) - 1)) == 0)
+            absmax[i0 >> log2_group] = a;
+        const float recip = a > 0.0f ? __fdiv_rn(1.0f, a) : 0.0f;
+        uint32_t word = 0;
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+            const uint32_t q0 = code(__fmul_rn(v[j], recip), table), q1 = code(__fmul_rn(v[j + 1], recip), table);
+            word |= (q0 << 4 | q1) << (4 * j);
+        }
+        *reinterpret_cast<uint32_t *>(packed + (i0 >> 1)) = word;
+    }
+};
+
 template <typename InT>
 static int quantize_4bit_t(const InT *x, uint8_t *packed, float *absmax, int64_t n, int log2_group,
                            int codebook, cudaStream_t stream) {
     const int tpg = 1 << (log2_group - 3);
+    int64_t done = 0;
+    if (tpg <= 32 && aligned16(x) && (reinterpret_cast<uintptr_t>(packed) & 3u) == 0 && n >= 256) {
+        /* whole 256-value items streamed; the rest (< 256 values) by the kernel below */
+        const int64_t items = n / 256;
+        auto run = [&](auto op, int *per_sm) {
+            unsigned grid = 0;
+            int st = stream_grid(quant_stream_kernel<InT, decltype(op)>, items, per_sm, &grid, "quantize_4bit");
+            if (st)
+                return st;
+            quant_stream_kernel<InT, decltype(op)><<<grid, 256, 0, stream>>>(x, items, op);
+            return check_launch("quantize_4bit");
+        };
+        static int per_sm[2];
+        int st = codebook == CQ_NF4 ? run(Quant4Op<CQ_NF4>{packed, absmax, log2_group}, &per_sm[0])
+                                    : run(Quant4Op<CQ_FP4>{packed, absmax, log2_group}, &per_sm[1]);
+        if (st || items * 256 == n)
+            return st;
+        done = items * 256;
+    }
+    x += done;
+    packed += done / 2;
+    absmax += done >> log2_group;
+    n -= done;
     const int block = tpg > 256 ? tpg : 256;
-    const int64_t threads = (n + 7) / 8;
+    const unsigned grid = grid_for((n + 7) / 8, block);
     if (aligned16(x))
-        quant4_kernel<InT, true><<<grid_for(threads, block), block, 0, stream>>>(x, packed, absmax, n,
-                                                                                log2_group, codebook);
+        quant4_kernel<InT, true><<<grid, block, 0, stream>>>(x, packed, absmax, n, log2_group, codebook);
     else
-        quant4_kernel<InT, false><<<grid_for(threads, block), block, 0, stream>>>(x, packed, absmax, n,
-                                                                                 log2_group, codebook);
+        quant4_kernel<InT, false><<<grid, block, 0, stream>>>(x, packed, absmax, n, log2_group, codebook);
     return check_launch("quantize_4bit");
 }
 
