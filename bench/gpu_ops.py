@@ -263,9 +263,10 @@ def bench_skinny_4bit(rows: list[dict], K: int, N: int, ps: list, a, C: int, M: 
     """The two small-M 4-bit kernels forced in turn (streamed: sm_90 only), each also on one
     weight reused every call (served from L2: what is left when DRAM is not the limit)."""
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-    for name, path in (("streamed", 3), ("staged", 2)):
+    for name, path, tokens in (("streamed", 3, 0), ("streamed, tokens staged", 3, 1),
+                               ("streamed, tokens in registers", 3, 2), ("staged", 2, 0)):
         try:
-            with kernel_variants(linear_4bit=path):
+            with kernel_variants(linear_4bit=path, stream_xreg=tokens):
                 ms = time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), C, 50)
                 l2 = time_graph(lambda i: ops.linear_4bit(x, ps[0], a, "nf4", 64, (N, K)), 1, 50)
         except NotImplementedError:

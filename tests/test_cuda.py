@@ -254,19 +254,62 @@ def test_linear_4bit_skinny_batches(group, K, split):
 # (M, N, K, group): the streamed kernel's cases: one stage a tile (K <= 4096) and several
 # with a shorter last one (K = 12544: 3 stages of 3328 and one of 2560), 8-row tail tiles
 # (an odd number of octets a block) and partial ones (N % 8), fewer octets than SMs and
-# several tiles a block, 1-8 tokens, every chunk width (group 32, 64, 128 and 256)
+# several tiles a block, 1-16 tokens (9-16: two token tiles, tokens in registers), every
+# chunk width (group 32, 64, 128 and 256), warps with 0-3 chunks (tokens in registers), K
+# split over clusters of 2, 4 and 8 (tokens in registers, a row over 48 chunks)
 STREAM_CASES = [(1, 3072, 3072, 64), (1, 1, 256, 64), (2, 13, 512, 32), (8, 2000, 1024, 64),
                 (2, 1031, 12544, 64), (7, 40, 2048, 128), (8, 1100, 3072, 64), (1, 300, 4096, 256),
-                (2, 129, 12288, 64), (6, 24, 1024, 32), (1, 3080, 12288, 64)]
+                (2, 129, 12288, 64), (6, 24, 1024, 32), (1, 3080, 12288, 64),
+                (16, 3080, 3072, 64), (9, 1031, 1536, 32), (12, 200, 2048, 64), (16, 24, 256, 64),
+                (13, 129, 1280, 32), (11, 40, 2560, 64),
+                (16, 3072, 12288, 64), (9, 1031, 6144, 64), (1, 200, 12288, 64), (14, 5000, 3584, 32),
+                (3, 64, 8192, 32)]
+
+
+def stream_fits(M, N, K, group, tokens_in_registers):
+    """Whether linear4_stream takes (M, N, K, group) with its tokens staged in shared
+    memory or in registers (K split over a cluster where a row has more than 48 chunks):
+    csrc/cuda/linear4.cu, run_stream_variant and stream_layout, on this card."""
+    q, nbytes = 4 * group, (16 if group >= 128 else 8 if group == 64 else 4)
+    if M > (16 if tokens_in_registers and nbytes <= 8 else 8):
+        return False
+    ks = 1
+    if tokens_in_registers:
+        while ks <= 8 and (K % ks or (K // ks) % q or K // ks // (8 * nbytes) > 3 * 16):
+            ks *= 2
+        if ks > 8:
+            return False
+    Kl = K // ks
+    if K % q or Kl % q:
+        return False
+    props = torch.cuda.get_device_properties(0)
+    octets = -(-N // 8)
+    groups = min(props.multi_processor_count // ks, octets)
+    tiles = (-(-octets // groups) + 1) // 2
+    nt = 2 if M > 8 else 1
+    off_part = 256 + 65536 + 2 * 16 * 8 * nt * 16 * 4 + (0 if tokens_in_registers else M * (2 * K + 16))
+    off_st = -(-(off_part + (tiles * 1024 if ks > 1 else 0)) // 128) * 128
+    room = props.shared_memory_per_block_optin - off_st
+    cap = Kl if tokens_in_registers else 4096
+    while True:
+        J = -(-Kl // cap)
+        ksl = -(-(-(-Kl // J)) // q) * q
+        J = -(-Kl // ksl)
+        stages = room // (16 * (ksl // 2 + 4 * nbytes) + 64 * (ksl // group + 4))
+        if tokens_in_registers or stages >= 3 or cap // 2 < 1024 or cap // 2 < q:
+            break
+        cap //= 2
+    return stages >= 3 and (J == 1 or not tokens_in_registers)
 
 
 @pytest.mark.parametrize("case", STREAM_CASES, ids=str)
 @pytest.mark.parametrize("dtype,codebook", [(torch.bfloat16, "nf4"), (torch.float16, "fp4")])
 def test_linear_4bit_streamed(case, dtype, codebook):
-    """The sm_90 streamed kernel, forced (knob 3 refuses rather than falling back): the
-    same result as the staged kernel up to float32 summation order, and against the
-    reference (error measured against the size of the products: one output can be a
-    near-zero sum)."""
+    """The sm_90 streamed kernel, forced (knob 3 refuses rather than falling back), with
+    its tokens staged in shared memory and in registers (forced in turn; each refuses
+    what it cannot take): the same result as the staged kernel up to float32 summation
+    order, and against the reference (error measured against the size of the products:
+    one output can be a near-zero sum)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the streamed kernel needs sm_90")
     M, N, K, group = case
@@ -278,20 +321,27 @@ def test_linear_4bit_streamed(case, dtype, codebook):
                                 None if bias is None else bias.float())
     xd, pd, ad = x.to(DEV), packed.to(DEV), absmax.to(DEV)
     bd = None if bias is None else bias.to(DEV)
+    mag = x.float().abs() @ w.abs().t() + (0.0 if bias is None else bias.float().abs()) + 1e-3
     outs = {}
-    for path in (3, 2):
+    for name, path, tokens in (("staged kernel", 2, 0), ("streamed, tokens staged", 3, 1),
+                               ("streamed, tokens in registers", 3, 2)):
         poison()
         y = torch.empty(M, N, dtype=dtype, device=DEV)
-        with variant("linear_4bit", path):
+        with variant("linear_4bit", path), variant("stream_xreg", tokens):
+            if tokens and not stream_fits(M, N, K, group, tokens == 2):
+                with pytest.raises(NotImplementedError, match="no kernel"):
+                    linear_4bit_raw(xd, pd, ad, bd, y, group, codebook)
+                continue
             linear_4bit_raw(xd, pd, ad, bd, y, group, codebook)
         torch.cuda.synchronize()
-        outs[path] = y
-        mag = x.float().abs() @ w.abs().t() + (0.0 if bias is None else bias.float().abs()) + 1e-3
-        assert ((y.float().cpu() - ref).abs() / mag).max().item() < tol(dtype), (path, case)
+        outs[name] = y
+        assert ((y.float().cpu() - ref).abs() / mag).max().item() < tol(dtype), (name, case)
+    assert len(outs) >= 2, ("no streamed variant ran", case)
     # same decode and products, sums in another order: within a few float32 roundings of
     # y's magnitude, far below the bf16/f16 rounding of y itself
     scale = ref.abs().max().item() + 1.0
-    assert (outs[3].float() - outs[2].float()).abs().max().item() <= 2 ** -6 * scale, case
+    for name, y in outs.items():
+        assert (y.float() - outs["staged kernel"].float()).abs().max().item() <= 2 ** -6 * scale, (name, case)
 
 
 def test_linear_4bit_streamed_refuses_what_it_cannot_run():
@@ -299,7 +349,7 @@ def test_linear_4bit_streamed_refuses_what_it_cannot_run():
     the automatic choice then takes the staged kernel (same result)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the streamed kernel needs sm_90")
-    for M, N, K, group in [(9, 8, 256, 64), (1, 8, 64 * 3, 64), (8, 8, 12288, 64)]:
+    for M, N, K, group in [(17, 8, 256, 64), (9, 8, 256, 128), (1, 8, 64 * 3, 64), (9, 8, 64 * 48 * 9, 64)]:
         w = weight(N, K)
         packed, absmax = reference.quantize_4bit(w, "nf4", group)
         x = torch.randn(M, K).to(torch.bfloat16)

@@ -60,6 +60,7 @@ enum Knob {
     KNOB_LINEAR_INT8 = 4,/* weight-only: 1 generic, 2 skinny mma */
     KNOB_SKINNY_PROBE = 5,/* benchmark probe, wrong results: 1 = 4-bit skinny loads only; streamed: 2 = weights only, 3 = no loads (compute alone) */
     KNOB_STREAM_STAGES = 6,/* at most this many stages in the streamed 4-bit kernel's ring (>= 2) */
+    KNOB_STREAM_XREG = 7,/* streamed 4-bit kernel's tokens: 1 staged in shared memory, 2 in registers */
     KNOB_COUNT = 8
 };
 CQ_HIDDEN int knob(int which);

@@ -331,9 +331,16 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * cp.async, 2 stages deep, and waits about one memory latency a stage; here 3-8 stages are
  * in flight an SM, issued by one thread, and there is no split-K between blocks. What bounds
  * it now is the consumers' decode (runs 28-31). */
+/* Tokens in registers (XREG): where a tile is one stage (K <= 48 chunks), a consumer warp
+ * works on the same chunks of every tile, so it loads their B fragments from global
+ * memory once, at the start, instead of from staged tokens every chunk: no tokens in
+ * shared memory, and 9-16 tokens (NT = 2 tiles of 8, one decoded A fragment for both
+ * MMAs) fit beside the stages. At most STREAM_XCPW chunks a warp: 3 x BYTES x NT
+ * registers of tokens. */
 /* consumer warps: 24 or 30 were slower than 16 (run 29): the consumers are bound by their
  * instruction issue and shared-memory wavefronts, not by latency */
 constexpr int STREAM_CW = 16;
+constexpr int STREAM_XCPW = 3;
 constexpr int STREAM_MAX_STAGES = 8;
 constexpr int STREAM_KSL = 4096;     /* k of a stage at most (32 KB of 16 weight rows); 2048 or
                                         1024 where 3 stages of that do not fit */
@@ -346,10 +353,12 @@ struct StreamLayout {
                         left the 8- and 16-byte fragment loads 2-way conflicted: run 30) */
     int as;          /* floats between staged absmax rows: ksl / group + 4 */
     int xs;          /* bytes between staged token rows: 2 K + 16 */
-    int off_red;     /* partial sums [2][CW][8 tokens][16 rows] floats (after the 64 KB table) */
-    int off_x;       /* tokens [M][xs bytes] */
+    int off_red;     /* partial sums [2][CW][8 NT tokens][16 rows] floats (after the 64 KB table) */
+    int off_x;       /* tokens [M][xs bytes] (none with XREG) */
     int off_st;      /* stages [S][16 rs + 64 as bytes] */
     int stage_bytes;
+    int ksplit;      /* blocks of a cluster, each a K / ksplit slice of the same rows (XREG) */
+    int off_part;    /* ksplit > 1: the block's sums [tiles][16 tokens][16 rows] floats */
 };
 
 /* Byte B of w as the offset of its entry in linear4_stream's decode table (entry * 256 +
@@ -360,7 +369,7 @@ __device__ __forceinline__ uint32_t lut256_offset(uint32_t w, uint32_t lane4) {
     return __byte_perm(lane4, w, 0x1100u | ((4u + B) << 4));
 }
 
-template <typename T, int BYTES>
+template <typename T, int BYTES, int NT, bool XREG>
 __global__ void __launch_bounds__(32 * (STREAM_CW + 1), 1)
 linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, const float *__restrict__ absmax,
                const T *__restrict__ bias, T *__restrict__ y, int M, int64_t N, int64_t K, int log2_group,
@@ -378,16 +387,49 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     /* the block's octets: a contiguous run (every gridDim.x-th instead was no faster: run
-     * 27); a tile is two of them */
-    const int64_t octets = (N + 7) / 8;
-    const int64_t o_begin = (int64_t)blockIdx.x * octets / gridDim.x;
-    const int64_t n_oct = (int64_t)(blockIdx.x + 1) * octets / gridDim.x - o_begin;
+     * 27), its cluster's with K split; a tile is two octets */
+    const int KS = XREG ? L.ksplit : 1;
+    int rank = 0;
+    if constexpr (XREG)
+        if (KS > 1)
+            asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+    const int64_t Kl = K / KS, k_off = rank * Kl; /* this block's slice of K */
+    const int64_t octets = (N + 7) / 8, groups = gridDim.x / KS, grp = blockIdx.x / KS;
+    const int64_t o_begin = grp * octets / groups;
+    const int64_t n_oct = (grp + 1) * octets / groups - o_begin;
     const int tiles = (int)((n_oct + 1) / 2);
     /* weight row `row` (0-15) of tile `tile`, or -1 past the block's octets or N */
     auto tile_row = [&](int tile, int row) -> int64_t {
         const int64_t i = 2 * (int64_t)tile + (row >> 3);
         const int64_t n = 8 * (o_begin + i) + (row & 7);
         return i < n_oct && n < N ? n : -1;
+    };
+    /* K split over the cluster: the blocks' sums of each row meet here, added in rank order
+     * (deterministic) by the block of rank tile % KS, with bias */
+    float *part = reinterpret_cast<float *>(smem + L.off_part);
+    auto cluster_sum_store = [&]() {
+        asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+        for (int tile = rank; tile < tiles; tile += KS)
+            for (int e = threadIdx.x; e < M * 16; e += blockDim.x) {
+                const int m = e >> 4, row = e & 15;
+                const int64_t n = tile_row(tile, row);
+                if (n < 0)
+                    continue;
+                const uint32_t off = s_addr(part + (tile * 16 + m) * 16 + row);
+                float v = 0.0f;
+                for (int b = 0; b < KS; b++) {
+                    uint32_t remote;
+                    float pv;
+                    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(off), "r"(b));
+                    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(pv) : "r"(remote) : "memory");
+                    v += pv;
+                }
+                if (bias)
+                    v += to_f32(bias[n]);
+                y[(int64_t)m * N + n] = from_f32<T>(v);
+            }
+        /* no block leaves while another still reads its sums */
+        asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
     };
     auto full = [&](int s) { return s_addr(bars + s); };
     auto empty = [&](int s) { return s_addr(bars + L.S + s); };
@@ -403,11 +445,13 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     __syncthreads();
 
     if (warp == CW) { /* the producer: lanes 0-15 copy weight rows, lanes 16-31 absmax rows */
-        if (lane == 0)
-            mbar_expect_tx(xbar, M * (int)K * 2);
-        __syncwarp();
-        if (lane < M)
-            bulk_load(s_addr(xst + lane * L.xs), x + (int64_t)lane * K, (uint32_t)(K * 2), xbar);
+        if constexpr (!XREG) {
+            if (lane == 0)
+                mbar_expect_tx(xbar, M * (int)K * 2);
+            __syncwarp();
+            if (lane < M)
+                bulk_load(s_addr(xst + lane * L.xs), x + (int64_t)lane * K, (uint32_t)(K * 2), xbar);
+        }
         int s = 0;
         uint32_t phase = 0;
         for (int tile = 0; tile < tiles; tile++) {
@@ -416,7 +460,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             const int rows = __popc(__ballot_sync(0xffffffffu, lane < 16 && n >= 0));
             for (int j = 0; j < L.J; j++) {
                 const int64_t k0 = (int64_t)j * L.ksl;
-                const int kl = K - k0 < L.ksl ? (int)(K - k0) : L.ksl;
+                const int kl = Kl - k0 < L.ksl ? (int)(Kl - k0) : L.ksl;
                 const int abytes = probe == 2 ? 0 : (kl >> log2_group) * 4; /* a row's absmax */
                 if (lane == 0) {
                     mbar_wait(empty(s), phase ^ 1u);
@@ -425,7 +469,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 __syncwarp();
                 unsigned char *sb = st + s * L.stage_bytes;
                 if (n >= 0 && probe != 3) {
-                    const int64_t e = n * K + k0; /* first element of the row's slice */
+                    const int64_t e = n * K + k_off + k0; /* first element of the row's slice */
                     if (lane < 16)
                         bulk_load(s_addr(sb + row * L.rs), packed + (e >> 1), (uint32_t)(kl / 2), full(s));
                     else if (abytes)
@@ -438,6 +482,9 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 }
             }
         }
+        if constexpr (XREG)
+            if (KS > 1)
+                cluster_sum_store(); /* every thread of the cluster takes part */
         return;
     }
 
@@ -452,43 +499,58 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
         reinterpret_cast<uint4 *>(smem + 256 + b * 256)[i & 7] = make_uint4(v, v, v, v);
     }
     consumers_sync();
-    mbar_wait(xbar, 0);
 
-    /* lane (r, t): weight rows r and r + 8 of the tile (A), token r (B; zero past M);
-     * its C fragment: rows r and r + 8, tokens 2t and 2t + 1 */
+    /* lane (r, t): weight rows r and r + 8 of the tile (A), tokens r + 8 nt (B; zero past
+     * M); its C fragments: rows r and r + 8, tokens 8 nt + 2t and 8 nt + 2t + 1 */
     const int r = lane >> 2, t = lane & 3;
     const uint32_t lane4 = (uint32_t)lane * 4u;
+    /* XREG: the B fragments of this warp's chunks (a tile is one stage, so the same
+     * chunks every tile), from global memory once */
+    uint32_t xr[XREG ? STREAM_XCPW : 1][NT][BYTES];
+    if constexpr (XREG) {
+        const int chunks = (int)(Kl / CK), c_lo = warp * chunks / CW, c_hi = (warp + 1) * chunks / CW;
+#pragma unroll
+        for (int cc = 0; cc < STREAM_XCPW; cc++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                const int m = r + 8 * nt, c = c_lo + cc;
+                const T *src = x + (int64_t)m * K + k_off + c * CK + t * (CK / 4);
+#pragma unroll
+                for (int i = 0; i < BYTES; i += 4) {
+                    const uint4 u = m < M && c < c_hi ? __ldg(reinterpret_cast<const uint4 *>(src) + i / 4)
+                                                      : make_uint4(0, 0, 0, 0);
+                    xr[cc][nt][i] = u.x; xr[cc][nt][i + 1] = u.y; xr[cc][nt][i + 2] = u.z; xr[cc][nt][i + 3] = u.w;
+                }
+            }
+    } else {
+        mbar_wait(xbar, 0);
+    }
     const bool x_ok = r < M;
     const unsigned char *xrow = xst + r * L.xs + t * (CK / 4) * 2;
     int s = 0, rb = 0;
     uint32_t phase = 0;
     for (int tile = 0; tile < tiles; tile++, rb ^= 1) {
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float acc[NT][4] = {};
         for (int j = 0; j < L.J; j++) {
             const int64_t k0 = (int64_t)j * L.ksl;
-            const int kl = K - k0 < L.ksl ? (int)(K - k0) : L.ksl;
+            const int kl = Kl - k0 < L.ksl ? (int)(Kl - k0) : L.ksl;
             const int chunks = kl / CK, c_lo = warp * chunks / CW, c_hi = (warp + 1) * chunks / CW;
             const unsigned char *sb = st + s * L.stage_bytes;
             const unsigned char *w0 = sb + r * L.rs + t * BYTES, *w1 = w0 + 8 * L.rs;
             const float *ab0 = reinterpret_cast<const float *>(sb + 16 * L.rs) + r * L.as, *ab1 = ab0 + 8 * L.as;
             const unsigned char *xk = xrow + k0 * 2;
             mbar_wait(full(s), phase);
-#pragma unroll 2
-            for (int c = c_lo; c < (probe == 1 || probe == 2 ? c_lo : c_hi); c++) { /* probes: the stream alone */
-                uint32_t wa[WORDS], wb[WORDS], xv[BYTES];
+            /* one chunk: decode 16 rows x CK k once, an MMA chain a token tile */
+            auto chunk = [&](int c, const uint32_t (&xv)[NT][BYTES]) {
+                uint32_t wa[WORDS], wb[WORDS];
                 load_words_smem<BYTES>(w0 + c * CB, wa);
                 load_words_smem<BYTES>(w1 + c * CB, wb);
                 const int g = (c * CK) >> log2_group;
                 const float am0 = ab0[g], am1 = ab1[g];
-#pragma unroll
-                for (int i = 0; i < BYTES; i += 4) {
-                    const uint4 u = x_ok ? *reinterpret_cast<const uint4 *>(xk + c * CK * 2 + i * 4)
-                                         : make_uint4(0, 0, 0, 0);
-                    xv[i] = u.x; xv[i + 1] = u.y; xv[i + 2] = u.z; xv[i + 3] = u.w;
-                }
-                /* one chain of MMAs a chunk: two chains (linear4_staged's) cost an FADD per
-                 * accumulator and were no faster here, where 16 warps hide the latency (run 30) */
-                float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                /* one chain of MMAs a chunk and token tile: two chains (linear4_staged's)
+                 * cost an FADD per accumulator and were no faster here, where 16 warps hide
+                 * the latency (run 30) */
+                float tmp[NT][4] = {};
 #pragma unroll
                 for (int q = 0; q < STEPS; q++) {
                     const uint32_t ua = wa[q >> 1], ub = wb[q >> 1];
@@ -501,12 +563,36 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                         lut_bytes + ((q & 1) ? lut256_offset<3>(ua, lane4) : lut256_offset<1>(ua, lane4)));
                     a[3] = *reinterpret_cast<const uint32_t *>(
                         lut_bytes + ((q & 1) ? lut256_offset<3>(ub, lane4) : lut256_offset<1>(ub, lane4)));
-                    mma_16816<T>(tmp, a, xv[2 * q], xv[2 * q + 1]);
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++)
+                        mma_16816<T>(tmp[nt], a, xv[nt][2 * q], xv[nt][2 * q + 1]);
                 }
-                acc[0] = fmaf(tmp[0], am0, acc[0]);
-                acc[1] = fmaf(tmp[1], am0, acc[1]);
-                acc[2] = fmaf(tmp[2], am1, acc[2]);
-                acc[3] = fmaf(tmp[3], am1, acc[3]);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    acc[nt][0] = fmaf(tmp[nt][0], am0, acc[nt][0]);
+                    acc[nt][1] = fmaf(tmp[nt][1], am0, acc[nt][1]);
+                    acc[nt][2] = fmaf(tmp[nt][2], am1, acc[nt][2]);
+                    acc[nt][3] = fmaf(tmp[nt][3], am1, acc[nt][3]);
+                }
+            };
+            const bool probe_loads = probe == 1 || probe == 2; /* probes: the stream alone */
+            if constexpr (XREG) {
+#pragma unroll
+                for (int cc = 0; cc < STREAM_XCPW; cc++)
+                    if (c_lo + cc < c_hi && !probe_loads)
+                        chunk(c_lo + cc, xr[cc]);
+            } else {
+#pragma unroll 2
+                for (int c = c_lo; c < (probe_loads ? c_lo : c_hi); c++) {
+                    uint32_t xv[NT][BYTES];
+#pragma unroll
+                    for (int i = 0; i < BYTES; i += 4) {
+                        const uint4 u = x_ok ? *reinterpret_cast<const uint4 *>(xk + c * CK * 2 + i * 4)
+                                             : make_uint4(0, 0, 0, 0);
+                        xv[0][i] = u.x; xv[0][i + 1] = u.y; xv[0][i + 2] = u.z; xv[0][i + 3] = u.w;
+                    }
+                    chunk(c, xv);
+                }
             }
             __syncwarp();
             if (lane == 0)
@@ -517,14 +603,19 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             }
         }
         /* the warps' partial sums of this tile, added in warp order */
-        float *rr = red + rb * (CW * 8 * 16);
-        if (2 * t < M) {
-            rr[(warp * 8 + 2 * t) * 16 + r] = acc[0];
-            rr[(warp * 8 + 2 * t) * 16 + r + 8] = acc[2];
-        }
-        if (2 * t + 1 < M) {
-            rr[(warp * 8 + 2 * t + 1) * 16 + r] = acc[1];
-            rr[(warp * 8 + 2 * t + 1) * 16 + r + 8] = acc[3];
+        constexpr int TOK = 8 * NT;
+        float *rr = red + rb * (CW * TOK * 16);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const int m = 8 * nt + 2 * t;
+            if (m < M) {
+                rr[(warp * TOK + m) * 16 + r] = acc[nt][0];
+                rr[(warp * TOK + m) * 16 + r + 8] = acc[nt][2];
+            }
+            if (m + 1 < M) {
+                rr[(warp * TOK + m + 1) * 16 + r] = acc[nt][1];
+                rr[(warp * TOK + m + 1) * 16 + r + 8] = acc[nt][3];
+            }
         }
         consumers_sync(); /* rr is complete; the other buffer's readers are done */
         if (threadIdx.x < M * 16) {
@@ -534,44 +625,56 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 float v = 0.0f;
 #pragma unroll 4
                 for (int w = 0; w < CW; w++)
-                    v += rr[(w * 8 + m) * 16 + row];
-                if (bias)
-                    v += to_f32(bias[n]);
-                y[(int64_t)m * N + n] = from_f32<T>(v);
+                    v += rr[(w * TOK + m) * 16 + row];
+                if (KS > 1) {
+                    part[(tile * 16 + m) * 16 + row] = v;
+                } else {
+                    if (bias)
+                        v += to_f32(bias[n]);
+                    y[(int64_t)m * N + n] = from_f32<T>(v);
+                }
             }
         }
     }
+    if constexpr (XREG)
+        if (KS > 1)
+            cluster_sum_store();
 #endif
 }
 
 /* The layout of linear4_stream for (M, K, group), or false where it does not apply:
- * bulk copies need 16-byte rows and offsets (K a multiple of 4 groups), and the tokens
- * plus at least 3 stages must fit in shared memory. */
-static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, int cw, int bytes,
-                          StreamLayout *L, int *smem) {
-    const int64_t g = int64_t(1) << lg, q = 4 * g;
-    if (dev.cc < 90 || M > 8 || K % q != 0)
+ * bulk copies need 16-byte rows and offsets (K a multiple of 4 groups), and at least 3
+ * stages must fit in shared memory beside the tokens (none with XREG, where a tile is
+ * one stage of a K / ksplit slice) and, with ksplit > 1, the sums of `tiles` tiles. */
+static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, int cw, int bytes, int nt,
+                          bool xreg, int ksplit, int64_t tiles, StreamLayout *L, int *smem) {
+    const int64_t g = int64_t(1) << lg, q = 4 * g, Kl = K / ksplit;
+    if (dev.cc < 90 || M > 8 * nt || K % ksplit != 0 || Kl % q != 0)
         return false;
+    L->ksplit = ksplit;
     L->xs = (int)(2 * K + 16);
     L->off_red = 256 + 256 * 256; /* after the 64 KB decode table */
-    L->off_x = L->off_red + 2 * cw * 8 * 16 * 4;
-    L->off_st = (int)((L->off_x + M * L->xs + 127) / 128 * 128);
+    L->off_x = L->off_red + 2 * cw * 8 * nt * 16 * 4;
+    L->off_part = L->off_x + (xreg ? 0 : (int)(M * L->xs));
+    L->off_st = (int)((L->off_part + (ksplit > 1 ? tiles * 16 * 16 * 4 : 0) + 127) / 128 * 128);
     const int64_t room = (int64_t)dev.smem_optin - L->off_st;
     int64_t S = 0;
-    for (int64_t cap = STREAM_KSL; cap >= 1024 && cap >= q && S < 3; cap /= 2) { /* shorter stages
-                                                                                   where 3 do not fit */
-        int64_t J = (K + cap - 1) / cap;
-        const int64_t ksl = ((K + J - 1) / J + q - 1) / q * q;
-        J = (K + ksl - 1) / ksl;
+    /* shorter stages (down to 1024 k) where 3 do not fit; XREG: the whole slice */
+    for (int64_t cap = xreg ? Kl : STREAM_KSL;; cap /= 2) {
+        int64_t J = (Kl + cap - 1) / cap;
+        const int64_t ksl = ((Kl + J - 1) / J + q - 1) / q * q;
+        J = (Kl + ksl - 1) / ksl;
         L->ksl = (int)ksl;
         L->J = (int)J;
         L->rs = (int)(ksl / 2 + 4 * bytes);
         L->as = (int)((ksl >> lg) + 4);
         L->stage_bytes = 16 * L->rs + 64 * L->as;
         S = room > 0 ? room / L->stage_bytes : 0;
+        if (xreg || S >= 3 || cap / 2 < 1024 || cap / 2 < q)
+            break;
     }
     S = S > STREAM_MAX_STAGES ? STREAM_MAX_STAGES : S;
-    if (S < 3)
+    if (S < 3 || (xreg && L->J != 1))
         return false;
     const int forced = knob(KNOB_STREAM_STAGES);
     if (forced >= 2 && forced < S)
@@ -581,27 +684,95 @@ static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, i
     return true;
 }
 
-template <typename T, int BYTES>
-static int run_stream_bytes(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax,
-                            const T *bias, T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook,
-                            cudaStream_t stream) {
-    constexpr int CW = STREAM_CW;
+template <typename T, int BYTES, int NT, bool XREG>
+static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax,
+                              const T *bias, T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook,
+                              cudaStream_t stream) {
+    constexpr int CW = STREAM_CW, CK = 8 * BYTES;
+    if (!aligned16(x) || !aligned16(packed) || !aligned16(absmax))
+        return CQ_EUNSUPPORTED;
+    /* XREG: split K over a cluster of KS blocks until a slice is at most 48 chunks */
+    int KS = 1;
+    if (XREG) {
+        while (KS <= 8 && (K % KS != 0 || (K / KS) % (4 << lg) != 0 || K / KS / CK > (int64_t)STREAM_XCPW * CW))
+            KS *= 2;
+        const int forced = knob(KNOB_SPLIT_K);
+        if (forced > 1 && forced <= 8 && K % forced == 0 && (K / forced) % (4 << lg) == 0 &&
+            K / forced / CK <= (int64_t)STREAM_XCPW * CW)
+            KS = forced;
+        if (KS > 8)
+            return CQ_EUNSUPPORTED;
+    }
+    const int64_t octets = (N + 7) / 8;
+    int64_t groups = dev.sms / KS;
+    groups = groups < octets ? groups : octets;
     StreamLayout L;
     int smem = 0;
-    if (!aligned16(x) || !aligned16(packed) || !aligned16(absmax) ||
-        !stream_layout(dev, M, K, lg, CW, BYTES, &L, &smem))
+    auto layout = [&] { /* tiles: a group's at most */
+        return stream_layout(dev, M, K, lg, CW, BYTES, NT, XREG, KS, ((octets + groups - 1) / groups + 1) / 2, &L,
+                             &smem);
+    };
+    if (!layout())
         return CQ_EUNSUPPORTED;
-    auto kernel = linear4_stream<T, BYTES>;
+    auto kernel = linear4_stream<T, BYTES, NT, XREG>;
     static unsigned long long smem_set; /* bit per device: the limit is the card's, once */
     const int st = raise_smem_limit(reinterpret_cast<const void *>(kernel), dev.smem_optin, &smem_set,
                                     "linear_4bit (streamed smem)");
     if (st)
         return st;
-    const int64_t octets = (N + 7) / 8;
-    const unsigned grid = (unsigned)(octets < dev.sms ? octets : dev.sms);
-    kernel<<<grid, 32 * (CW + 1), (size_t)smem, stream>>>(x, packed, absmax, bias, y, (int)M, N, K, lg, codebook, L,
-                                                           knob(KNOB_SKINNY_PROBE));
+    cudaLaunchConfig_t cfg = {};
+    cfg.blockDim = dim3(32 * (CW + 1), 1, 1);
+    cfg.dynamicSmemBytes = (size_t)smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = (unsigned)KS;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = KS > 1 ? 1 : 0;
+    if (KS > 1) { /* only as many clusters as are resident at once: a second wave would double the time */
+        cfg.gridDim = dim3((unsigned)(groups * KS), 1, 1);
+        int active = 0;
+        CQ_CUDA_TRY(cudaOccupancyMaxActiveClusters(&active, kernel, &cfg), "linear_4bit (streamed clusters)");
+        if (active <= 0)
+            return CQ_EUNSUPPORTED;
+        if (active < groups) { /* more tiles a group: more room for their sums */
+            groups = active;
+            if (!layout())
+                return CQ_EUNSUPPORTED;
+            cfg.dynamicSmemBytes = (size_t)smem;
+        }
+    }
+    cfg.gridDim = dim3((unsigned)(groups * KS), 1, 1);
+    cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, x, packed, absmax, bias, y, (int)M, N, K, lg, codebook, L,
+                                         knob(KNOB_SKINNY_PROBE));
+    if (err != cudaSuccess) {
+        set_error("linear_4bit (streamed)", err);
+        return CQ_ECUDA;
+    }
     return check_launch("linear_4bit (streamed)");
+}
+
+/* 1-8 tokens staged whole in shared memory where they fit (K <= 4096 at 8 tokens), else,
+ * and for 9-16 tokens (group 64 or less: at most 8 BYTES registers of them), tokens in
+ * registers, with K split over a cluster where a row has more than 48 chunks. Knob
+ * stream_xreg = 1 forces the staged tokens, 2 the registers. */
+template <typename T, int BYTES>
+static int run_stream_bytes(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax,
+                            const T *bias, T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook,
+                            cudaStream_t stream) {
+    const int mode = knob(KNOB_STREAM_XREG);
+    int st = CQ_EUNSUPPORTED;
+    if (mode != 2 && M <= 8)
+        st = run_stream_variant<T, BYTES, 1, false>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+    if (st != CQ_EUNSUPPORTED || mode == 1)
+        return st;
+    if (M <= 8)
+        return run_stream_variant<T, BYTES, 1, true>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+    if constexpr (BYTES <= 8)
+        return run_stream_variant<T, BYTES, 2, true>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+    return CQ_EUNSUPPORTED;
 }
 
 template <typename T>
