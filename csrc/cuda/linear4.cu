@@ -437,7 +437,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     if (threadIdx.x == 0) {
         for (int s = 0; s < L.S; s++) {
             mbar_init(full(s), 1);
-            mbar_init(empty(s), CW);
+            mbar_init(empty(s), 32 * CW); /* every consumer thread releases the stage */
         }
         mbar_init(xbar, 1);
         mbar_init_fence();
@@ -462,10 +462,10 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 const int64_t k0 = (int64_t)j * L.ksl;
                 const int kl = Kl - k0 < L.ksl ? (int)(Kl - k0) : L.ksl;
                 const int abytes = probe == 2 ? 0 : (kl >> log2_group) * 4; /* a row's absmax */
-                if (lane == 0) {
-                    mbar_wait(empty(s), phase ^ 1u);
+                /* every lane that copies into the stage acquires its release itself */
+                mbar_wait(empty(s), phase ^ 1u);
+                if (lane == 0)
                     mbar_expect_tx(full(s), probe == 3 ? 0 : rows * (kl / 2 + abytes));
-                }
                 __syncwarp();
                 unsigned char *sb = st + s * L.stage_bytes;
                 if (n >= 0 && probe != 3) {
@@ -594,9 +594,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                     chunk(c, xv);
                 }
             }
-            __syncwarp();
-            if (lane == 0)
-                mbar_arrive(empty(s));
+            mbar_arrive(empty(s)); /* this thread's reads of the stage are done */
             if (++s == L.S) {
                 s = 0;
                 phase ^= 1u;
