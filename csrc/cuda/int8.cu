@@ -76,6 +76,17 @@ __device__ __forceinline__ void store_row8(int8_t *row, int64_t k, int64_t K, ui
     }
 }
 
+/* Scale of a group of 2^log2_g values (32-256) held 8 a lane by consecutive lanes:
+ * amax / 127 over the group's lanes, the same in each. */
+__device__ __forceinline__ float lane_group_scale(const float v[8], int log2_g) {
+    uint32_t amax = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        amax = max(amax, abs_bits(v[j]));
+    amax = warp_max_u32(amax, 1 << (log2_g - 3));
+    return __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+}
+
 /* ---------------------------------------------------------------- quantize, gn == 1 */
 /* quant_int8_spans: tiles of one row, gk a power of two <= 256: a warp takes 256
  * consecutive values of a row (8 a lane), tiles reduce over gk / 8 lanes. */
@@ -92,12 +103,7 @@ quant_int8_spans(const T *__restrict__ x, int8_t *__restrict__ q, float *__restr
     const T *row = x + n * K;
     float v[8];
     load_row8<T, VEC>(row, k, K, v);
-    uint32_t amax = 0;
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-        amax = max(amax, abs_bits(v[j]));
-    amax = warp_max_u32(amax, 1 << (log2_gk - 3));
-    const float s = __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+    const float s = lane_group_scale(v, log2_gk);
     const int64_t kb = (K + (int64_t(1) << log2_gk) - 1) >> log2_gk;
     if ((k & ((int64_t(1) << log2_gk) - 1)) == 0 && k < K)
         scale[n * kb + (k >> log2_gk)] = s;
@@ -114,12 +120,7 @@ struct QuantInt8FlatOp {
     int log2_group;
     __device__ __forceinline__ void setup(float2 *) const {}
     __device__ __forceinline__ void operator()(int64_t i0, const float v[8], int lane, const float2 *) const {
-        uint32_t amax = 0;
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-            amax = max(amax, abs_bits(v[j]));
-        amax = warp_max_u32(amax, 1 << (log2_group - 3));
-        const float s = __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+        const float s = lane_group_scale(v, log2_group);
         if ((i0 & ((int64_t(1) << log2_group) - 1)) == 0)
             scale[i0 >> log2_group] = s;
         *reinterpret_cast<uint2 *>(q + i0) = quant8(v, s);

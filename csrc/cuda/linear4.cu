@@ -718,19 +718,10 @@ static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *
                                     "linear_4bit (streamed smem)");
     if (st)
         return st;
-    cudaLaunchConfig_t cfg = {};
-    cfg.blockDim = dim3(32 * (CW + 1), 1, 1);
-    cfg.dynamicSmemBytes = (size_t)smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = (unsigned)KS;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = KS > 1 ? 1 : 0;
+    cudaLaunchAttribute attr;
+    cudaLaunchConfig_t cfg = cluster_launch_config(dim3((unsigned)(groups * KS), 1, 1), 32 * (CW + 1), (size_t)smem,
+                                                   stream, (unsigned)KS, &attr);
     if (KS > 1) { /* only as many clusters as are resident at once: a second wave would double the time */
-        cfg.gridDim = dim3((unsigned)(groups * KS), 1, 1);
         int active = 0;
         CQ_CUDA_TRY(cudaOccupancyMaxActiveClusters(&active, kernel, &cfg), "linear_4bit (streamed clusters)");
         if (active <= 0)
