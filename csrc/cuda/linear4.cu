@@ -1,9 +1,10 @@
 /* linear4.cu: fused 4-bit linear y[M, N] = x[M, K] W^T + bias, W in the bnb_nf4 /
  * bnb_fp4 layout (formats.h), for small M (tokens): each weight byte is read once.
  *
- * linear4_stream (sm_90, bf16/f16, 1-8 tokens that fit in shared memory, K a multiple of
- * 4 groups): the dispatcher's first choice there; whole rows streamed by the bulk copy
- * engine, one persistent block an SM (see its comment).
+ * linear4_stream (sm_90, bf16/f16, 1-16 tokens, K a multiple of 4 groups, where the
+ * tokens fit: staged in shared memory, or in registers with K split over a cluster):
+ * the dispatcher's first choice there; whole rows streamed by the bulk copy engine, one
+ * persistent block an SM (see its comment).
  * linear4_staged (sm_80+, bf16/f16, K a multiple of the chunk): the other small-M cases;
  * tensor cores via skinny.cuh, weights, absmax and tokens streamed through shared memory.
  * In both, a chunk of CK = 8 * BYTES consecutive k of one row lies in one group
@@ -316,27 +317,31 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
 }
 
 /* ------------------------------------------------------------------ streamed skinny (sm_90) */
-/* linear4_stream (sm_90, M <= 8): one persistent block an SM streams a contiguous run of
- * 8-row octets of W, whole rows (the octets of the weight are one contiguous run of bytes,
- * and so are their absmax), through a ring of shared-memory stages filled by the bulk copy
- * engine. One producer warp issues a stage (16 rows x up to 4096 k) as 32 row copies (16
- * weight rows padded by one chunk's bytes and 16 absmax rows padded by 16 bytes, so that
- * the fragment loads are conflict-free); 16 consumer warps split each stage's k between
- * them and meet once a 16-row tile in shared memory (added in warp order: deterministic).
- * The tokens are staged once. Transposed against linear4_staged: y^T = W x^T, so the 16 rows of the MMA are
- * weight rows (A, decoded by a lane-private table like linear4_staged's, with 256-byte
- * entries: lut256_offset) and its 8 columns are tokens (B, straight from the staged x): no
- * padding of 1-8 tokens to 16, half the MMAs.
+/* linear4_stream (sm_90, M <= 16): one persistent block an SM (or a cluster of blocks,
+ * each a slice of K) streams a contiguous run of 8-row octets of W, whole rows (the octets
+ * of the weight are one contiguous run of bytes, and so are their absmax), through a ring
+ * of shared-memory stages filled by the bulk copy engine. One producer warp issues a stage
+ * (16 rows x up to 4096 k) as 32 row copies (16 weight rows padded by one chunk's bytes
+ * and 16 absmax rows padded by 16 bytes, so that the fragment loads are conflict-free);
+ * 16 consumer warps split each stage's k between them and meet once a 16-row tile in
+ * shared memory (added in warp order: deterministic). Every consumer thread releases a
+ * stage it has read (compute-sanitizer's racecheck flagged the reuse of a stage released
+ * by lane 0 after __syncwarp: docs/CUDA_NOTES.md, runs 42-44).
+ * The tokens are staged once (1-8 tokens), or held in registers (XREG, below).
+ * Transposed against linear4_staged: y^T = W x^T, so the 16 rows of the MMA are weight
+ * rows (A, decoded by a lane-private table like linear4_staged's, with 256-byte entries:
+ * lut256_offset) and its 8 columns are tokens (B): no padding of 1-8 tokens to 16, half
+ * the MMAs; 9-16 tokens are two such tiles on one decoded A fragment.
  * Why (runs 5-9 and 20 of docs/CUDA_NOTES.md): linear4_staged streams short K slices with
  * cp.async, 2 stages deep, and waits about one memory latency a stage; here 3-8 stages are
- * in flight an SM, issued by one thread, and there is no split-K between blocks. What bounds
- * it now is the consumers' decode (runs 28-31). */
-/* Tokens in registers (XREG): where a tile is one stage (K <= 48 chunks), a consumer warp
- * works on the same chunks of every tile, so it loads their B fragments from global
- * memory once, at the start, instead of from staged tokens every chunk: no tokens in
- * shared memory, and 9-16 tokens (NT = 2 tiles of 8, one decoded A fragment for both
- * MMAs) fit beside the stages. At most STREAM_XCPW chunks a warp: 3 x BYTES x NT
- * registers of tokens. */
+ * in flight an SM, issued by one thread, and there is no split-K between blocks but that
+ * of a cluster. What bounds it now is the consumers' decode (runs 28-31, 40). */
+/* Tokens in registers (XREG): where a tile is one stage (at most 48 chunks of K, K split
+ * over a cluster of 2-8 blocks where a row is longer), a consumer warp works on the same
+ * chunks of every tile, so it loads their B fragments from global memory once, at the
+ * start, instead of from staged tokens every chunk: no tokens in shared memory, and 9-16
+ * tokens (NT = 2 tiles of 8) fit beside the stages. At most STREAM_XCPW chunks a warp:
+ * 3 x BYTES x NT registers of tokens. */
 /* consumer warps: 24 or 30 were slower than 16 (run 29): the consumers are bound by their
  * instruction issue and shared-memory wavefronts, not by latency */
 constexpr int STREAM_CW = 16;
