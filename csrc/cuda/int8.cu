@@ -2,8 +2,9 @@
  * and the weight-only int8 linear, on the GPU (layout and rounding: formats.h).
  * One family serves the three layouts as tiles of gn x gk (block (B, B), lode (1, B),
  * row (1, K)); activations are gn = 1. Bit-identical to the CPU *_ref kernels:
- * scale = amax / 127 and x / scale with IEEE division (__fdiv_rn), round half to
- * even (__float2int_rn), amax by an integer max on |x| bits so NaN propagates. */
+ * scale = amax / 127 by IEEE division (__fdiv_rn), the IEEE quotient x / scale (quant8
+ * gets it without a division a value) rounded half to even, amax by an integer max on
+ * |x| bits so NaN propagates. */
 #include "launchers.cuh"
 #include "quant_stream.cuh"
 
