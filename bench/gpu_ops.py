@@ -93,6 +93,13 @@ def copies_for(nbytes: int) -> int:
     return max(2, min(64, math.ceil(L2_DEFEAT / max(nbytes, 1))))
 
 
+def rotated_copies(t: torch.Tensor, nbytes: int | None = None) -> list[torch.Tensor]:
+    """Clones of t for time_graph to visit in turn (fn(copies[i])), so that every call
+    reads its operand from DRAM, not L2: copies_for(nbytes) of them, nbytes being t's own
+    bytes unless the caller passes the call's whole footprint."""
+    return [t.clone() for _ in range(copies_for(t.numel() * t.element_size() if nbytes is None else nbytes))]
+
+
 def copy_bandwidth() -> float:
     """GB/s of 1 GiB device-to-device streams, bytes read + written: the larger of a
     copy_ (cudaMemcpy) and an elementwise kernel (a + 1)."""
@@ -153,16 +160,14 @@ def bench_dequant_quant(bw: float, rows: list[dict], shapes) -> None:
         for cb in ("nf4", "fp4"):
             p, a = ops.quantize_4bit(w, cb, 64)
             nbytes = p.numel() + 4 * a.numel() + 2 * n
-            C = copies_for(p.numel() + 4 * a.numel())
-            ps = [p.clone() for _ in range(C)]
-            ms = time_graph(lambda i: ops.dequantize_4bit(ps[i], a, cb, 64, (N, K), torch.bfloat16), C, 50)
+            ps = rotated_copies(p, p.numel() + 4 * a.numel())
+            ms = time_graph(lambda i: ops.dequantize_4bit(ps[i], a, cb, 64, (N, K), torch.bfloat16), len(ps), 50)
             rows.append(dict(op="dequantize", layout=cb, K=K, N=N, ms=ms, bytes=nbytes, floor_ms=nbytes / bw / 1e6))
         for layout, g in (("int8_block", 128), ("int8_lode", 128), ("int8_row", None)):
             q, s = ops.quantize_int8(w, layout, g)
             nbytes = q.numel() + 4 * s.numel() + 2 * n
-            C = copies_for(q.numel())
-            qs = [q.clone() for _ in range(C)]
-            ms = time_graph(lambda i: ops.dequantize_int8(qs[i], s, layout, g, torch.bfloat16), C, 50)
+            qs = rotated_copies(q)
+            ms = time_graph(lambda i: ops.dequantize_int8(qs[i], s, layout, g, torch.bfloat16), len(qs), 50)
             rows.append(dict(op="dequantize", layout=layout, K=K, N=N, ms=ms, bytes=nbytes, floor_ms=nbytes / bw / 1e6))
     # quantize one 3072 x 12288 weight (N = 3072 out, K = 12288 in, as Flux's 12288->3072)
     N, K = 3072, 12288
@@ -216,35 +221,31 @@ def bench_linear(rows: list[dict], shapes, tokens, have_bnb: bool) -> None:
             x = (torch.randn(M, K, device=DEV)).to(torch.bfloat16)
             reps = 50 if M <= 16 else (20 if M <= 256 else 10)
 
-            def add(method, fn, wbytes, copies_of):
-                C = copies_for(wbytes)
-                cs = [copies_of() for _ in range(C)]
-                ms = time_graph(lambda i: fn(cs[i]), C, reps)
+            def add(method, fn, t, nbytes=None):
+                cs = rotated_copies(t, nbytes)
+                ms = time_graph(lambda i: fn(cs[i]), len(cs), reps)
                 rows.append(dict(op="linear", K=K, N=N, M=M, method=method, ms=ms))
 
-            add("bf16", lambda wi: F.linear(x, wi, bias), 2 * N * K, lambda: w.clone())
+            add("bf16", lambda wi: F.linear(x, wi, bias), w)
             if M >= 256:  # the same bf16 weight every call (partly L2-resident, as ours' fresh one)
                 C1 = 1
                 ms = time_graph(lambda i: F.linear(x, w, bias), C1, reps)
                 rows.append(dict(op="linear", K=K, N=N, M=M, method="bf16 one weight", ms=ms))
-            add("ours nf4", lambda pi: ops.linear_4bit(x, pi, a, "nf4", 64, (N, K), bias),
-                p.numel() + 4 * a.numel(), lambda: p.clone())
+            add("ours nf4", lambda pi: ops.linear_4bit(x, pi, a, "nf4", 64, (N, K), bias), p,
+                p.numel() + 4 * a.numel())
             add("eager nf4", lambda pi: F.linear(x, reference.dequantize_4bit(pi, a, "nf4", 64, (N, K),
-                                                                             torch.bfloat16), bias),
-                p.numel(), lambda: p.clone())
+                                                                             torch.bfloat16), bias), p)
             if have_bnb:
-                add("bnb nf4", lambda pi: bnb.matmul_4bit(x, pi.t(), bstate), bp.numel(), lambda: bp.clone())
+                add("bnb nf4", lambda pi: bnb.matmul_4bit(x, pi.t(), bstate), bp)
             for lay, (q, s) in int8.items():
-                add(f"ours {lay}", lambda qi: ops.linear_int8(x, qi, s, lay, groups[lay], bias),
-                    q.numel(), lambda: q.clone())
+                add(f"ours {lay}", lambda qi: ops.linear_int8(x, qi, s, lay, groups[lay], bias), q)
             if M > 16:
                 xq, _ = ops.quantize_int8_act(x, K)
                 q = int8["int8_row"][0]
-                add("int_mm", lambda qi: torch._int_mm(xq, qi.t()), q.numel(), lambda: q.clone())
+                add("int_mm", lambda qi: torch._int_mm(xq, qi.t()), q)
             if M >= 256:
                 add("ours nf4 dequant only", lambda pi: ops.dequantize_4bit(pi, a, "nf4", 64, (N, K),
-                                                                            torch.bfloat16),
-                    p.numel(), lambda: p.clone())
+                                                                            torch.bfloat16), p)
             del x
 
 
@@ -259,10 +260,11 @@ def kernel_variants(**knobs):
             ops.cuda_kernel_variant(k, v)
 
 
-def bench_skinny_4bit(rows: list[dict], K: int, N: int, ps: list, a, C: int, M: int) -> None:
+def bench_skinny_4bit(rows: list[dict], K: int, N: int, ps: list, a, M: int) -> None:
     """The two small-M 4-bit kernels forced in turn (streamed: sm_90 only), each also on one
     weight reused every call (served from L2: what is left when DRAM is not the limit)."""
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    C = len(ps)
     for name, path, tokens in (("streamed", 3, 0), ("streamed, tokens staged", 3, 1),
                                ("streamed, tokens in registers", 3, 2), ("staged", 2, 0)):
         try:
@@ -293,10 +295,10 @@ def bench_variants(rows: list[dict], only_4bit: bool = False) -> None:
     for K, N in SHAPES:
         w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
         p, a = ops.quantize_4bit(w, "nf4", 64)
-        C = copies_for(p.numel())
-        ps = [p.clone() for _ in range(C)]
+        ps = rotated_copies(p)
+        C = len(ps)
         for M in (1, 16):
-            bench_skinny_4bit(rows, K, N, ps, a, C, M)
+            bench_skinny_4bit(rows, K, N, ps, a, M)
             if only_4bit:
                 continue
             x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)

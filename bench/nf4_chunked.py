@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from comfy_quant_native import ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_ops import DEV, SHAPES, copies_for, time_graph  # noqa: E402
+from gpu_ops import DEV, SHAPES, rotated_copies, time_graph  # noqa: E402
 
 
 def chunked(x, packed, absmax, N, K, chunks):
@@ -54,17 +54,15 @@ def main() -> None:
             got = chunked(x, p, a, N, K, c).float()
             err = float((got - ref.float()).norm() / ref.float().norm())
             assert err < 1e-2, f"chunks {c}: differs from the whole-weight path ({err})"
-        C = copies_for(2 * N * K)
-        wb = [w.clone() for _ in range(C)]
-        t_bf16 = time_graph(lambda i: F.linear(x, wb[i]), C, reps)
+        wb = rotated_copies(w)
+        t_bf16 = time_graph(lambda i: F.linear(x, wb[i]), len(wb), reps)
         src = w.clone()
-        t_copy = time_graph(lambda i: F.linear(x, wb[i].copy_(src)), C, reps)
+        t_copy = time_graph(lambda i: F.linear(x, wb[i].copy_(src)), len(wb), reps)
         del wb
-        Cp = copies_for(p.numel())
-        ps = [p.clone() for _ in range(Cp)]
-        cells = [time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), Cp, reps)]
+        ps = rotated_copies(p)
+        cells = [time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), len(ps), reps)]
         for c in (2, 3, 4, 6, 8):
-            cells.append(time_graph(lambda i, c=c: chunked(x, ps[i], a, N, K, c), Cp, reps))
+            cells.append(time_graph(lambda i, c=c: chunked(x, ps[i], a, N, K, c), len(ps), reps))
         row = " | ".join(f"{t:.4f} ({t / t_bf16:.2f}x)" for t in [t_copy] + cells)
         print(f"| {K}, {N} | {t_bf16:.4f} | {row} |", flush=True)
         del ps

@@ -28,7 +28,7 @@ from comfy_quant_native import layouts as L  # noqa: E402
 from comfy_quant_native import ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_ops import DEV, SHAPES, copies_for, time_graph  # noqa: E402
+from gpu_ops import DEV, SHAPES, rotated_copies, time_graph  # noqa: E402
 
 GROUPS = {"int8_row": None, "int8_lode": 128, "int8_block": 128}
 
@@ -65,9 +65,8 @@ def main() -> None:
     for K, N in SHAPES:
         w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-        C = copies_for(2 * N * K)
-        ws_bf16 = [w.clone() for _ in range(C)]
-        t_bf16 = time_graph(lambda i: F.linear(x, ws_bf16[i]), C, reps)
+        ws_bf16 = rotated_copies(w)
+        t_bf16 = time_graph(lambda i: F.linear(x, ws_bf16[i]), len(ws_bf16), reps)
         del ws_bf16
         for lay in args.layouts.split(","):
             g = GROUPS[lay]
@@ -75,13 +74,12 @@ def main() -> None:
             gs = L.check_group_size(lay, g, K)
             gn, gk = L.int8_tile(lay, gs, K)
             act_k = L.act_group_k(lay, gs, K)
-            Cq = copies_for(q.numel())
-            qs = [q.clone() for _ in range(Cq)]
-            t_op = time_graph(lambda i: ops.linear_int8(x, qs[i], s, lay, g), Cq, reps)
+            qs = rotated_copies(q)
+            t_op = time_graph(lambda i: ops.linear_int8(x, qs[i], s, lay, g), len(qs), reps)
             t_aq = time_graph(lambda i: ops.quantize_int8_act(x, act_k), 1, reps)
             xq, xs = ops.quantize_int8_act(x, act_k)
             gemm = gemm_alone(xq, xs, s, N, gn, gk)
-            t_cold = time_graph(lambda i: gemm(qs[i]), Cq, reps)
+            t_cold = time_graph(lambda i: gemm(qs[i]), len(qs), reps)
             t_warm = time_graph(lambda i: gemm(qs[0]), 1, reps)
             tops = 2 * M * N * K / (t_cold * 1e-3) / 1e12
 
@@ -106,10 +104,9 @@ def ksweep(M: int, N: int, reps: int) -> None:
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
         q, s = ops.quantize_int8(w, "int8_row", None)
         xq, xs = ops.quantize_int8_act(x, K)
-        Cq = copies_for(q.numel())
-        qs = [q.clone() for _ in range(Cq)]
+        qs = rotated_copies(q)
         gemm = gemm_alone(xq, xs, s, N, 1, K)
-        t = time_graph(lambda i: gemm(qs[i]), Cq, reps)
+        t = time_graph(lambda i: gemm(qs[i]), len(qs), reps)
         print(f"| {K} | {t:.4f} | {2 * M * N * K / (t * 1e-3) / 1e12:.0f} | {1e3 * t / rounds:.2f} |", flush=True)
         del qs, w, x
 
