@@ -175,6 +175,17 @@ def linear_4bit_raw(xd, pd, ad, bd, y, group, codebook):
                        L.CODEBOOK_CODES[codebook], 1, torch.cuda.current_stream().cuda_stream, 1)
 
 
+def linear_4bit_case(M, N, K, group, codebook, dtype, with_bias):
+    """A random 4-bit linear on the CPU: (w, packed, absmax, x, bias, reference y)."""
+    w = weight(N, K)
+    packed, absmax = reference.quantize_4bit(w, codebook, group)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if with_bias else None
+    ref = reference.linear_4bit(x.float(), packed, absmax, codebook, group, N, K,
+                                None if bias is None else bias.float())
+    return w, packed, absmax, x, bias, ref
+
+
 LINEAR_SHAPES = [(1, 8, 64), (3, 65, 128), (16, 200, 256), (17, 64, 192), (33, 24, 128), (5, 13, 63), (2, 40, 1000)]
 
 
@@ -183,12 +194,7 @@ LINEAR_SHAPES = [(1, 8, 64), (3, 65, 128), (16, 200, 256), (17, 64, 192), (33, 2
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_linear_4bit(path, dtype, group):
     for M, N, K in LINEAR_SHAPES:
-        w = weight(N, K)
-        packed, absmax = reference.quantize_4bit(w, "nf4", group)
-        x = torch.randn(M, K).to(dtype)
-        bias = torch.randn(N).to(dtype) if N % 2 else None
-        ref = reference.linear_4bit(x.float(), packed, absmax, "nf4", group, N, K,
-                                    None if bias is None else bias.float())
+        _, packed, absmax, x, bias, ref = linear_4bit_case(M, N, K, group, "nf4", dtype, N % 2)
         poison()
         y = torch.empty(M, N, dtype=dtype, device=DEV)
         # the launcher takes any M; keep every device tensor alive until it has run
@@ -231,12 +237,7 @@ def test_linear_4bit_skinny_batches(group, K, split):
     for M, N, dtype, codebook in [(1, 200, torch.bfloat16, "nf4"), (8, 72, torch.float16, "fp4"),
                                   (9, 65, torch.bfloat16, "fp4"), (16, 264, torch.float16, "nf4"),
                                   (21, 40, torch.bfloat16, "nf4")]:
-        w = weight(N, K)
-        packed, absmax = reference.quantize_4bit(w, codebook, group)
-        x = torch.randn(M, K).to(dtype)
-        bias = torch.randn(N).to(dtype) if M % 2 else None
-        ref = reference.linear_4bit(x.float(), packed, absmax, codebook, group, N, K,
-                                    None if bias is None else bias.float())
+        _, packed, absmax, x, bias, ref = linear_4bit_case(M, N, K, group, codebook, dtype, M % 2)
         xd, pd = x.to(DEV), packed.to(DEV)
         # absmax 16-byte aligned (vector path) and at an odd float offset (scalar path)
         holder = torch.zeros(absmax.numel() + 1, device=DEV)
@@ -313,12 +314,7 @@ def test_linear_4bit_streamed(case, dtype, codebook):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the streamed kernel needs sm_90")
     M, N, K, group = case
-    w = weight(N, K)
-    packed, absmax = reference.quantize_4bit(w, codebook, group)
-    x = torch.randn(M, K).to(dtype)
-    bias = torch.randn(N).to(dtype) if N % 2 else None
-    ref = reference.linear_4bit(x.float(), packed, absmax, codebook, group, N, K,
-                                None if bias is None else bias.float())
+    w, packed, absmax, x, bias, ref = linear_4bit_case(M, N, K, group, codebook, dtype, N % 2)
     xd, pd, ad = x.to(DEV), packed.to(DEV), absmax.to(DEV)
     bd = None if bias is None else bias.to(DEV)
     mag = x.float().abs() @ w.abs().t() + (0.0 if bias is None else bias.float().abs()) + 1e-3
