@@ -221,14 +221,13 @@ struct Quant4Op {
     uint8_t *packed;
     float *absmax;
     int log2_group;
-    static constexpr int codebook = CODEBOOK;
     __device__ __forceinline__ void setup(float2 *table) const {
         const uint32_t j = threadIdx.x;
-        const int mids = codebook == CQ_NF4 ? 15 : 7;
+        const int mids = CODEBOOK == CQ_NF4 ? 15 : 7;
         float m = 8.0f;
         uint32_t below = 0; /* midpoints in lower cells: the code rank below m */
         for (int i = 0; i < mids; i++) {
-            const float mi = codebook == CQ_NF4 ? c_nf4_mid[i] : c_fp4_mid[i];
+            const float mi = CODEBOOK == CQ_NF4 ? c_nf4_mid[i] : c_fp4_mid[i];
             const uint32_t c = code_cell(mi);
             below += c < j;
             m = c == j ? mi : m;
