@@ -75,7 +75,8 @@ _load_cuda()
 
 # Kernel variants of the CUDA backend, forced by tests and bench/gpu_ops.py (0 = automatic).
 CUDA_KNOBS = {"gemm_int8": 0, "linear_4bit": 1, "split_k": 2, "skinny_tile": 3, "linear_int8": 4,
-              "skinny_probe": 5, "stream_stages": 6, "stream_xreg": 7}  # skinny_probe: benchmarks only (results are wrong)
+              "skinny_probe": 5, "stream_stages": 6, "stream_xreg": 7, "gemm_probe": 8,
+              "gemm_tail": 9}  # skinny_probe: benchmarks only (results are wrong)
 
 
 def cuda_kernel_variant(knob: str, value: int) -> int:
@@ -133,15 +134,16 @@ def backend_for(device: torch.device) -> str:
     return "reference"  # mps, xpu, meta...: plain PyTorch
 
 
-def _native(fn, t: torch.Tensor, *args):
-    """Calls _C's ``fn(*args, device, stream, nthreads)`` for tensors on t's device. CUDA:
-    torch's current stream of that device, with the device made current for the call (the
-    CUDA launchers run on the runtime's current device, so a tensor on cuda:1 while cuda:0
-    is current would be launched on cuda:0; torch.cuda.device restores the old one)."""
+def _native(fn, t: torch.Tensor, *args, optional: tuple = ()):
+    """Calls _C's ``fn(*args, device, stream, nthreads, *optional)`` for tensors on t's
+    device. CUDA: torch's current stream of that device, with the device made current for
+    the call (the CUDA launchers run on the runtime's current device, so a tensor on cuda:1
+    while cuda:0 is current would be launched on cuda:0; torch.cuda.device restores the old
+    one)."""
     if t.device.type != "cuda":
-        return fn(*args, 0, 0, _nthreads())
+        return fn(*args, 0, 0, _nthreads(), *optional)
     with torch.cuda.device(t.device):
-        return fn(*args, 1, torch.cuda.current_stream().cuda_stream, _nthreads())
+        return fn(*args, 1, torch.cuda.current_stream().cuda_stream, _nthreads(), *optional)
 
 
 def _nthreads() -> int:
@@ -442,6 +444,26 @@ def _quantize_int8_act(x2d, group_k) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_int8_tiles(x2d, 1, group_k, "x")
 
 
+# CQ_GEMM_WORKSPACE_BYTES(sms) of csrc/cuda/launch.h: a 128 x 256 int32 partial tile and a
+# flag a multiprocessor (tests/test_cuda.py forces the split that uses it)
+GEMM_WORKSPACE_BYTES_PER_SM = 128 * 256 * 4 + 4
+
+
+def gemm_int8_workspace(device: torch.device, M: int, one_group: bool) -> torch.Tensor | None:
+    """Scratch for _C.gemm_int8's trailing (workspace, workspace_bytes): on CUDA, for one
+    K-group and more rows than the small-M kernels take, it lets the sm_90 kernel split
+    the K of a partly filled round of tiles (torch's allocator: stream-ordered,
+    capturable); else None. Keep the tensor alive until the launch has been issued."""
+    if device.type != "cuda" or not one_group or M <= FUSED_MAX_M_INT8["cuda"][torch.bfloat16]:
+        return None
+    nbytes = torch.cuda.get_device_properties(device).multi_processor_count * GEMM_WORKSPACE_BYTES_PER_SM
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def gemm_int8_workspace_args(work: torch.Tensor | None) -> tuple:
+    return () if work is None else (work.data_ptr(), work.numel())
+
+
 def _linear_int8(x, q, scale, layout, group_size, bias, act_quant) -> torch.Tensor:
     if layout not in L.INT8:
         raise ValueError(f"layout: expected one of {L.INT8}, got {layout!r}")
@@ -466,9 +488,11 @@ def _linear_int8(x, q, scale, layout, group_size, bias, act_quant) -> torch.Tens
         x2 = x.reshape(M, K).contiguous()
         xq, xs = _quantize_int8_tiles(x2, 1, L.act_group_k(layout, group_size, K), "x")
         y = torch.empty(M, N, dtype=out_dtype, device=x.device)
+        work = gemm_int8_workspace(x.device, M, gk >= K)
         _native(_C.gemm_int8, x, xq.data_ptr(), xs.data_ptr(), q.data_ptr(), scale.data_ptr(),
                 0 if b is None else b.data_ptr(), y.data_ptr(), L.DTYPE_CODES[out_dtype], M, N, K, xs.shape[1],
-                gn, gk)
+                gn, gk, optional=gemm_int8_workspace_args(work))
+        del work
         return y.to(x.dtype).reshape(*lead, N)
     if M > fused_max_m(layout, backend, x.dtype):
         w = _dequantize_int8(q, scale, layout, group_size, x.dtype)

@@ -482,18 +482,25 @@ static int range_gemm_int8(void *p, int64_t n0, int64_t n1) {
                            c->gn, c->gk, n0, n1);
 }
 
-/* gemm_int8(xq, xs, wq, ws, bias, y, y_dtype, M, N, K, xs_groups, gn, gk, device, stream, nthreads)
- * bias may be 0. CPU: y_dtype must be float32. */
+/* gemm_int8(xq, xs, wq, ws, bias, y, y_dtype, M, N, K, xs_groups, gn, gk, device, stream, nthreads
+ *           [, workspace, workspace_bytes])
+ * bias may be 0. CPU: y_dtype must be float32. workspace: CUDA scratch (launch.h), the CPU
+ * ignores it. */
 static PyObject *py_gemm_int8(PyObject *module, PyObject *args) {
     module_state *st = get_state(module);
     arg_u64 xq = {"xq", 0}, xs = {"xs", 0}, wq = {"wq", 0}, ws = {"ws", 0}, bias = {"bias", 0},
-            y = {"y", 0}, stream = {"stream", 0};
-    long long M, N, K, xs_groups, gn, gk;
+            y = {"y", 0}, stream = {"stream", 0}, work = {"workspace", 0};
+    long long M, N, K, xs_groups, gn, gk, work_bytes = 0;
     int y_dtype, device, nthreads;
-    if (!PyArg_ParseTuple(args, "O&O&O&O&O&O&iLLLLLLiO&i", parse_u64, &xq, parse_u64, &xs, parse_u64,
+    if (!PyArg_ParseTuple(args, "O&O&O&O&O&O&iLLLLLLiO&i|O&L", parse_u64, &xq, parse_u64, &xs, parse_u64,
                           &wq, parse_u64, &ws, parse_u64, &bias, parse_u64, &y, &y_dtype, &M, &N, &K,
-                          &xs_groups, &gn, &gk, &device, parse_u64, &stream, &nthreads))
+                          &xs_groups, &gn, &gk, &device, parse_u64, &stream, &nthreads, parse_u64, &work,
+                          &work_bytes))
         return NULL;
+    if (work_bytes < 0 || (work.v == 0 && work_bytes != 0)) {
+        PyErr_Format(PyExc_ValueError, "workspace: %lld bytes at %p", work_bytes, (void *)(uintptr_t)work.v);
+        return NULL;
+    }
     if (check_float_dtype(y_dtype, "y") || check_cpu_f32(device, y_dtype, "y") ||
         check_ptr(&xq, CQ_I8, 1) || check_ptr(&xs, CQ_F32, 1) ||
         check_ptr(&wq, CQ_I8, 1) || check_ptr(&ws, CQ_F32, 1) ||
@@ -512,7 +519,7 @@ static PyObject *py_gemm_int8(PyObject *module, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     if (device == DEV_CUDA)
         status = st->cuda->gemm_int8(c.xq, c.xs, c.wq, c.ws, PTR(bias.v), PTR(y.v), y_dtype, M, N, K,
-                                     xs_groups, gn, gk, STREAM(stream.v));
+                                     xs_groups, gn, gk, PTR(work.v), work_bytes, STREAM(stream.v));
     else
         status = cq_parallel_for(N, 32, nthreads, min_units(M * K), range_gemm_int8, &c); /* 32: SIMD panel */
     Py_END_ALLOW_THREADS

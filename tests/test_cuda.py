@@ -445,7 +445,7 @@ GEMM_SHAPES = [(1, 64, 256), (16, 136, 512), (17, 72, 384), (200, 264, 512), (30
 
 @pytest.mark.parametrize("path", list(GEMM_PATHS))
 @pytest.mark.parametrize("layout,group", [("int8_row", None), ("int8_lode", 128), ("int8_lode", 256),
-                                          ("int8_block", 128), ("int8_block", 64)])
+                                          ("int8_lode", 512), ("int8_block", 128), ("int8_block", 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_w8a8_linear(path, layout, group, dtype):
     if path.startswith("sm90") and torch.cuda.get_device_capability() != (9, 0):
@@ -488,6 +488,75 @@ def test_w8a8_wgmma_many_tiles_per_cta(layout, group, N):
     assert rel_err(y, ref) < tol(torch.bfloat16)
     if layout == "int8_row":  # acc * (xs * ws) + bias in both: bit for bit
         assert same_bits(y, ref)
+
+
+def tail_split_parts(M: int, N: int, K: int, sms: int) -> int:
+    """The K parts of the sm90 int8_row kernel's split of a partly filled round of 128 x 256
+    tiles (gemm_int8_sm90.cu, run_wgmma), 0 where it takes none: mirrored here so that the
+    test knows where the kernel must split."""
+    tiles, ktiles = -(-M // 128) * -(-N // 256), -(-K // 128)
+    r = tiles % sms if tiles > sms else tiles
+    s = min(sms // r if r else 0, ktiles // 8)
+    return s if r and s >= 2 else 0
+
+
+@pytest.mark.parametrize("M,N,K", [(2100, 2304, 2048), (2100, 2300, 2048), (4608, 3072, 3072), (1000, 4400, 4096),
+                                   (256, 3072, 3072), (300, 1004, 3072)])
+def test_w8a8_wgmma_tail_split(M, N, K):
+    """One K-group: a partly filled round of tiles (the last of several, or the only one)
+    split over K across the idle CTAs (knob gemm_tail = 2 requires it, so the test fails
+    where the split was not taken), part 0 adding the later parts' int32 sums: the same
+    bits as without the split. On 132 SMs: 153 tiles (21 in the tail, 2 parts of 8
+    K-tiles), the same with N % 8 != 0 (y by the consumers), 432 (36, 3 parts), 144 (12,
+    4 parts) with partial tiles in M and N; one round: 24 tiles in 3 parts, 12 in 3."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma kernel: sm_90 only")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if not tail_split_parts(M, N, K, sms):
+        pytest.skip(f"no K split for {M} x {N} x {K} on {sms} SMs")
+    w = weight(N, K)
+    q, s = reference.quantize_int8(w, "int8_row", None)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    bias = torch.randn(N, dtype=torch.bfloat16)
+    qd, sd, xd, bd = q.to(DEV), s.to(DEV), x.to(DEV), bias.to(DEV)
+    with variant("gemm_int8", GEMM_PATHS["sm90"]), variant("gemm_tail", 1):
+        ref = ops.linear_int8(xd, qd, sd, "int8_row", None, bd)
+    poison()
+    with variant("gemm_int8", GEMM_PATHS["sm90"]), variant("gemm_tail", 2):
+        y = ops.linear_int8(xd, qd, sd, "int8_row", None, bd)
+        torch.cuda.synchronize()
+        y2 = ops.linear_int8(xd, qd, sd, "int8_row", None, bd)  # the flags start at zero again
+    assert same_bits(y, ref) and same_bits(y2, ref)
+    assert rel_err(y, reference.linear_int8(x.float(), q, s, "int8_row", None, bias.float())) < tol(torch.bfloat16)
+
+
+def test_w8a8_wgmma_tail_split_refused_where_it_does_not_apply():
+    """K = 128 is one K-tile: nothing to split, so the required split is refused."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma kernel: sm_90 only")
+    q, s = ops.quantize_int8(weight(256, 128).to(DEV), "int8_row", None)
+    x = torch.randn(300, 128, dtype=torch.bfloat16, device=DEV)
+    assert tail_split_parts(300, 256, 128, torch.cuda.get_device_properties(0).multi_processor_count) == 0
+    with variant("gemm_int8", GEMM_PATHS["sm90"]), variant("gemm_tail", 2), pytest.raises(NotImplementedError):
+        ops.linear_int8(x, q, s, "int8_row", None)
+
+
+@pytest.mark.parametrize("group", [128, 256, 512])
+def test_w8a8_wgmma_promotion_at_the_largest_sums(group):
+    """Every K-group's int32 sum at its largest, 127 * 128 * group (weight codes of -128,
+    which a file may hold, against activation codes of -127), through the promotion to
+    float32; exact in float32 up to 2^24, so the result is the reference's to rounding."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma kernel: sm_90 only")
+    M, N, K = 130, 264, 2048
+    q = torch.full((N, K), -128, dtype=torch.int8)
+    s = torch.rand(N, K // group) + 0.5
+    x = -torch.ones(M, K) * torch.arange(1, M + 1, dtype=torch.float32)[:, None]
+    ref = reference.linear_int8(x, q, s, "int8_lode", group)
+    poison()
+    with variant("gemm_int8", GEMM_PATHS["sm90"]):
+        y = ops.linear_int8(x.to(DEV), q.to(DEV), s.to(DEV), "int8_lode", group)
+    assert rel_err(y, ref) < 1e-6
 
 
 @pytest.mark.parametrize("layout,group", [("int8_row", None), ("int8_lode", 128), ("int8_block", 128)])
@@ -545,12 +614,17 @@ def test_cuda_graph_capture_replays():
     q, s = ops.quantize_int8(w, "int8_lode", 128)
     x1 = torch.randn(1, K, dtype=torch.bfloat16, device=DEV)
     x2 = torch.randn(300, K, dtype=torch.bfloat16, device=DEV)
+    # int8_row with more tiles than SMs: on sm_90 the last round's K split, its workspace
+    # allocated and its flags zeroed inside the graph (replayed twice below)
+    qr, sr = ops.quantize_int8(weight(2304, 2048).to(DEV), "int8_row", None)
+    x3 = torch.randn(2100, 2048, dtype=torch.bfloat16, device=DEV)
 
     def run():
         return (ops.linear_4bit(x1, packed, absmax, "nf4", 64, (N, K)),
                 ops.linear_4bit(x2, packed, absmax, "nf4", 64, (N, K)),
                 ops.linear_int8(x2, q, s, "int8_lode", 128),
-                ops.linear_int8(x1, q, s, "int8_lode", 128))
+                ops.linear_int8(x1, q, s, "int8_lode", 128),
+                ops.linear_int8(x3, qr, sr, "int8_row", None))
 
     eager = run()
     side = torch.cuda.Stream()
@@ -563,6 +637,8 @@ def test_cuda_graph_capture_replays():
         outs = run()
     x1.copy_(torch.randn_like(x1))
     x2.copy_(torch.randn_like(x2))
+    x3.copy_(torch.randn_like(x3))
+    g.replay()
     g.replay()
     torch.cuda.synchronize()
     fresh = run()

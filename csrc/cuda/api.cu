@@ -78,9 +78,10 @@ static int api_dequantize_int8(const int8_t *q, const float *scale, void *y, int
 }
 static int api_gemm_int8(const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
                          const void *bias, void *y, int y_dtype, int64_t M, int64_t N, int64_t K,
-                         int64_t xs_groups, int64_t gn, int64_t gk, cq_stream stream) {
-    return launch_gemm_int8(xq, xs, wq, ws, bias, y, y_dtype, M, N, K, xs_groups, gn, gk,
-                            (cudaStream_t)stream);
+                         int64_t xs_groups, int64_t gn, int64_t gk, void *workspace, int64_t workspace_bytes,
+                         cq_stream stream) {
+    return launch_gemm_int8(xq, xs, wq, ws, bias, y, y_dtype, M, N, K, xs_groups, gn, gk, workspace,
+                            workspace_bytes, (cudaStream_t)stream);
 }
 static int api_linear_int8(const void *x, int dtype, const int8_t *wq, const float *ws, const void *bias,
                            void *y, int64_t M, int64_t N, int64_t K, int64_t gn, int64_t gk,

@@ -415,14 +415,14 @@ static int gemm_int8_t(const GemmInt8Args<T> &a, cudaStream_t stream) {
 
 int launch_gemm_int8(const int8_t *xq, const float *xs, const int8_t *wq, const float *ws, const void *bias, void *y,
                      int y_dtype, int64_t M, int64_t N, int64_t K, int64_t xs_groups, int64_t gn, int64_t gk,
-                     cudaStream_t stream) {
+                     void *workspace, int64_t workspace_bytes, cudaStream_t stream) {
     if (M <= 0 || N <= 0 || K <= 0 || gn <= 0 || gk <= 0)
         return CQ_EINVAL;
     if (xs_groups != 1 && xs_groups != (K + gk - 1) / gk)
         return CQ_EINVAL;
     return CQ_DISPATCH_FLOAT(y_dtype, T, [&] {
         GemmInt8Args<T> a{xq, xs, wq, ws, static_cast<const T *>(bias), static_cast<T *>(y), M, N, K, xs_groups,
-                          gn, gk};
+                          gn, gk, workspace, workspace ? workspace_bytes : 0};
         return gemm_int8_t<T>(a, stream);
     }());
 }

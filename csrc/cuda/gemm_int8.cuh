@@ -16,6 +16,8 @@ template <typename T> struct GemmInt8Args {
     const T *bias;     /* [N] or NULL */
     T *y;              /* [M, N] */
     int64_t M, N, K, xs_groups, gn, gk;
+    void *workspace;         /* K-split scratch (launch.h), or NULL */
+    int64_t workspace_bytes;
 };
 
 /* Whether the sm_90a kernel was built and takes this shape. */

@@ -169,6 +169,34 @@ __device__ __forceinline__ void cluster_sync_all() {
 #endif
 }
 
+/* The K split of the last, partly filled round of tiles (one K-group only; the persistent
+ * grid of G CTAs, work w on CTA w % G). Works 0 .. dp - 1 (dp a multiple of G) are whole
+ * tiles; then the r tail tiles dp .. dp + r - 1 are each split into s K parts, item
+ * part * r + t (work dp + item, so on CTA item) being part `part` of tail tile t. Every
+ * CTA's item comes after its whole tiles, all at once, so the parts run side by side, and
+ * they read the same K-tiles of A and B at about the same time, as whole tiles do. Part 0
+ * adds the int32 sums of parts 1 .. s - 1 from their slots and stores y. No split: dp =
+ * ntiles, r = 1, s = 0. */
+struct TailSplit {
+    int dp, r, s;
+    int *part;  /* [r * s items][BN / 8 pieces][256 consumer threads][4 registers] int32 */
+    int *flags; /* [r * s items], zero at the launch, 1 when the item's slot is written */
+};
+
+__device__ __forceinline__ void flag_release(int *f) {
+#ifdef CQ_SM90_DEVICE
+    asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(f), "r"(1) : "memory");
+#endif
+}
+__device__ __forceinline__ void flag_wait(const int *f) {
+#ifdef CQ_SM90_DEVICE
+    int v = 0;
+    do {
+        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(f) : "memory");
+    } while (v == 0);
+#endif
+}
+
 /* Persistent: a CTA takes tiles tile0, tile0 + step, ... (M-tile fastest, so the CTAs
  * at work together share B tiles in L2); the stage and barrier phases run on across
  * tiles, so the producer loads the next tile's first stages while the consumers store
@@ -183,7 +211,7 @@ __global__ void __launch_bounds__(384, 1)
 gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmB,
                 const __grid_constant__ CUtensorMap tmY, const float *__restrict__ xs, const float *__restrict__ ws,
                 const T *__restrict__ bias, T *__restrict__ y, int64_t M, int64_t N, int64_t K, int64_t xs_groups,
-                int64_t gn, int64_t gk, int mt_eff, int ntiles, int y_bulk) {
+                int64_t gn, int64_t gk, int mt_eff, int ntiles, int y_bulk, int probe, TailSplit tail) {
 #ifdef CQ_SM90_DEVICE
     using Cfg = Sm90Cfg<BN, PROMOTE>;
     constexpr int STAGES = Cfg::STAGES, A_BYTES = Cfg::A_BYTES, B_BYTES = Cfg::B_BYTES, HALF_B = BN / 2;
@@ -213,6 +241,19 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
     };
     const int ktiles = (int)((K + SM90_BK - 1) / SM90_BK);
     const int64_t kb = (K + gk - 1) / gk;
+    /* work w -> its tile and K-tiles [kt0, kt1); item >= 0 for a K-split item of the tail */
+    const int nworks = tail.dp + tail.r * tail.s;
+    auto work = [&](int w, int &tile, int &kt0, int &kt1, int &item) {
+        if (w < tail.dp) {
+            tile = w, kt0 = 0, kt1 = ktiles, item = -1;
+        } else {
+            item = w - tail.dp;
+            const int part = item / tail.r;
+            tile = tail.dp + item % tail.r;
+            kt0 = part * ktiles / tail.s;
+            kt1 = (part + 1) * ktiles / tail.s;
+        }
+    };
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; s++) {
@@ -234,10 +275,12 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (warp == 0 && lane == 0) {
             int it = 0;
-            for (int tile = tile0; tile < ntiles; tile += step) {
+            for (int w = tile0; w < nworks; w += step) {
+                int tile, kt0, kt1, item;
+                work(w, tile, kt0, kt1, item);
                 int64_t m0, n0;
                 origin(tile, m0, n0);
-                for (int kt = 0; kt < ktiles; kt++, it++) {
+                for (int kt = kt0; kt < kt1; kt++, it++) {
                     const int s = it % STAGES;
                     mbar_wait(empty(s), ((uint32_t)(it / STAGES) & 1u) ^ 1u);
                     mbar_expect_tx(full(s), A_BYTES + B_BYTES);
@@ -250,7 +293,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                 }
             }
         } else if (PROMOTE && warp == 1) {
-            int it = 0;
+            int it = 0; /* per-group scales take no K split (the whole K of each work) */
             for (int tile = tile0; tile < ntiles; tile += step) {
                 int64_t m0, n0;
                 origin(tile, m0, n0);
@@ -276,8 +319,10 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
             }
         } else if (warp == 2) {
             int lt = 0;
-            for (int tile = tile0; tile < ntiles; tile += step, lt++) {
+            for (int w = tile0; w < nworks; w += step, lt++) {
                 const int b = lt & 1;
+                int tile, kt0, kt1, item;
+                work(w, tile, kt0, kt1, item);
                 int64_t m0, n0;
                 origin(tile, m0, n0);
                 mbar_wait(epi_empty(b), ((uint32_t)(lt >> 1) & 1u) ^ 1u);
@@ -322,29 +367,74 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         float accf[PROMOTE ? BN / 2 : 1];
         const bool storer = tid == 128; /* issues the bulk stores of y and waits for them */
         int it = 0, lt = 0;
-        for (int tile = tile0; tile < ntiles; tile += step, lt++) {
+        for (int w = tile0; w < nworks; w += step, lt++) {
+            int tile, kt0, kt1, item;
+            work(w, tile, kt0, kt1, item);
             int64_t m0, n0;
             origin(tile, m0, n0);
             if constexpr (!PROMOTE) {
                 int s = 0;
-                for (int kt = 0; kt < ktiles; kt++, it++) {
+                for (int kt = kt0; kt < kt1; kt++, it++) {
                     s = it % STAGES;
                     mbar_wait(full(s), (uint32_t)(it / STAGES) & 1u);
-                    issue(acc, s, kt > 0);
+                    issue(acc, s, kt > kt0);
                     wgmma_wait<1>(); /* the previous tile's MMAs are done: release its stage */
                     fence_regs(acc);
-                    if (kt > 0)
+                    if (kt > kt0)
                         release((it - 1) % STAGES);
                 }
                 wgmma_wait<0>();
                 fence_regs(acc);
                 release(s);
+                if (item >= tail.r) {
+                    /* a later K part of a tail tile: its int32 sums to this item's slot
+                     * (4 registers a 16-byte piece, pieces thread-minor, so a warp's
+                     * stores are 512 contiguous bytes), then the flag; the epilogue
+                     * buffer is taken and handed back unused */
+                    int4 *slot = reinterpret_cast<int4 *>(tail.part + (size_t)item * (BN / 2) * 256) + (tid - 128);
+#pragma unroll
+                    for (int i = 0; i < BN / 8; i++)
+                        __stcg(slot + i * 256, make_int4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+                    __threadfence();
+                    const int b = lt & 1;
+                    mbar_wait(epi_full(b), (uint32_t)(lt >> 1) & 1u);
+                    mbar_arrive(epi_empty(b));
+                    consumers_sync();
+                    if (tid == 128)
+                        flag_release(tail.flags + item);
+                    continue;
+                }
+                if (item >= 0) {
+                    /* the first K part of a tail tile: add the later parts' sums (int32,
+                     * so the same bits as one CTA's); they were computed first thing by
+                     * CTAs that are resident (one a multiprocessor), so the wait is short */
+                    if (tid == 128)
+                        for (int part = 1; part < tail.s; part++)
+                            flag_wait(tail.flags + item + part * tail.r);
+                    consumers_sync();
+                    __threadfence();
+                    for (int part = 1; part < tail.s; part++) {
+                        const int4 *slot =
+                            reinterpret_cast<const int4 *>(tail.part + (size_t)(item + part * tail.r) * (BN / 2) * 256) +
+                            (tid - 128);
+#pragma unroll
+                        for (int i = 0; i < BN / 8; i++) {
+                            const int4 v = __ldcg(slot + i * 256);
+                            acc[4 * i] += v.x;
+                            acc[4 * i + 1] += v.y;
+                            acc[4 * i + 2] += v.z;
+                            acc[4 * i + 3] += v.w;
+                        }
+                    }
+                }
             } else {
                 /* Promotion: at the end of each K-group the group's int32 sums become
                  * float32 with its scale. A warpgroup waits for its own MMAs (ptxas
                  * serializes reads of accumulators while any wgmma is in flight, so no
                  * double buffering here); the other warpgroup's MMAs keep the tensor cores
-                 * busy meanwhile. */
+                 * busy meanwhile. Knob gemm_probe (benchmarks only, wrong results): 1
+                 * leaves the promotion out, 2 its conversions (run 49: the conversions
+                 * are ~15% of the promotion's cost, the promotion ~1/3 of the GEMM's). */
                 const int64_t row0 = m0 + r0;
                 const float *xs_row0 = xs + (row0 < M ? row0 : M - 1) * xs_groups;
                 const float *xs_row1 = xs + (row0 + 8 < M ? row0 + 8 : M - 1) * xs_groups;
@@ -365,17 +455,17 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                     issue(acc, s, in_group > 0);
                     wgmma_wait<0>();
                     fence_regs(acc);
-                    if (last) {
+                    if (last && probe != 1) {
                         const float *wst = wsm + s * BN;
 #pragma unroll
                         for (int i = 0; i < BN / 8; i++) {
                             const float2 w2 = *reinterpret_cast<const float2 *>(wst + 8 * i + 2 * t);
                             const float s00 = XS_GROUPED ? xg0 * w2.x : w2.x, s01 = XS_GROUPED ? xg0 * w2.y : w2.y;
                             const float s10 = XS_GROUPED ? xg1 * w2.x : w2.x, s11 = XS_GROUPED ? xg1 * w2.y : w2.y;
-                            accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], s00, accf[4 * i + 0]);
-                            accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], s01, accf[4 * i + 1]);
-                            accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], s10, accf[4 * i + 2]);
-                            accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], s11, accf[4 * i + 3]);
+                            accf[4 * i + 0] = fmaf(probe == 2 ? __int_as_float(acc[4 * i + 0]) : (float)acc[4 * i + 0], s00, accf[4 * i + 0]);
+                            accf[4 * i + 1] = fmaf(probe == 2 ? __int_as_float(acc[4 * i + 1]) : (float)acc[4 * i + 1], s01, accf[4 * i + 1]);
+                            accf[4 * i + 2] = fmaf(probe == 2 ? __int_as_float(acc[4 * i + 2]) : (float)acc[4 * i + 2], s10, accf[4 * i + 2]);
+                            accf[4 * i + 3] = fmaf(probe == 2 ? __int_as_float(acc[4 * i + 3]) : (float)acc[4 * i + 3], s11, accf[4 * i + 3]);
                         }
                     }
                     release(s);
@@ -537,9 +627,41 @@ static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
     const unsigned mt = (unsigned)((a.M + SM90_BM - 1) / SM90_BM), nt = (unsigned)((a.N + BN - 1) / BN);
     const unsigned mt_eff = MCAST ? mt + (mt & 1u) : mt; /* whole pairs */
     const int ntiles = (int)(mt_eff * nt);
+    int grid = ntiles < sms ? ntiles : sms;
+    TailSplit tail{ntiles, 1, 0, nullptr, nullptr};
+    if (!PROMOTE && !MCAST && knob(KNOB_GEMM_TAIL) != 1) {
+        /* The tiles of a partly filled round, each split into s K parts so that r * s CTAs
+         * share them: the last round of several (M = 4608: 3072 x 3072 and 12288 x 3072
+         * have 432 tiles, 3 rounds and 36 tiles in 3 parts; docs/CUDA_NOTES.md, run 51),
+         * or the only one when there are fewer tiles than SMs (M = 256, 12288 x 3072: 24
+         * tiles in 5 parts, on 120 SMs instead of 24). */
+        const int ktiles = (int)((a.K + SM90_BK - 1) / SM90_BK);
+        const int r = ntiles > grid ? ntiles % grid : ntiles;
+        int s = r ? grid / r : 0;
+        if (ntiles <= grid)
+            s = r ? sms / r : 0;
+        /* parts of at least 8 K-tiles: part 0 reads each later part's 128 KB of sums
+         * from L2 in turn, ~1 us a part (3072 -> 12288 at M = 4608 in 11 parts of 2-3
+         * K-tiles gained nothing: run 51) */
+        s = s < ktiles / 8 ? s : ktiles / 8;
+        const int64_t slots = (int64_t)r * s;
+        if (r && s >= 2 && a.workspace && (reinterpret_cast<uintptr_t>(a.workspace) & 15u) == 0 &&
+            a.workspace_bytes >= slots * (BN / 2) * 256 * 4 + slots * 4) {
+            tail.dp = ntiles - r;
+            tail.r = r;
+            tail.s = s;
+            tail.part = static_cast<int *>(a.workspace);
+            tail.flags = tail.part + slots * (BN / 2) * 256;
+            CQ_CUDA_TRY(cudaMemsetAsync(tail.flags, 0, (size_t)slots * 4, stream), "gemm_int8 (sm90) flags");
+            if (tail.dp == 0)
+                grid = (int)slots; /* one work a CTA */
+        }
+    }
+    if (knob(KNOB_GEMM_TAIL) == 2 && tail.s == 0)
+        return CQ_EUNSUPPORTED; /* the split was required (tests) but does not apply */
     cudaLaunchConfig_t cfg = {};
     /* multicast: a CTA a tile; else one persistent CTA an SM */
-    cfg.gridDim = MCAST ? dim3(mt_eff, nt, 1) : dim3((unsigned)(ntiles < sms ? ntiles : sms), 1, 1);
+    cfg.gridDim = MCAST ? dim3(mt_eff, nt, 1) : dim3((unsigned)grid, 1, 1);
     cfg.blockDim = dim3(384, 1, 1);
     cfg.dynamicSmemBytes = Cfg::SMEM;
     cfg.stream = stream;
@@ -551,7 +673,7 @@ static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
     cfg.attrs = attr;
     cfg.numAttrs = MCAST ? 1 : 0;
     CQ_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, ma, mb, my, a.xs, a.ws, a.bias, a.y, a.M, a.N, a.K, a.xs_groups,
-                                   a.gn, a.gk, (int)mt_eff, ntiles, y_bulk),
+                                   a.gn, a.gk, (int)mt_eff, ntiles, y_bulk, knob(KNOB_GEMM_PROBE), tail),
                 "gemm_int8 (sm90)");
     return check_launch("gemm_int8 (sm90)");
 }

@@ -20,6 +20,11 @@
 
 #include "../formats.h"
 
+/* Bytes of gemm_int8's workspace that let a GPU of `sms` multiprocessors split the K of
+ * its last, partly filled round of tiles: one 128 x 256 int32 partial tile and one flag
+ * a multiprocessor (gemm_int8_sm90.cu). */
+#define CQ_GEMM_WORKSPACE_BYTES(sms) ((int64_t)(sms) * (128 * 256 * 4 + 4))
+
 #ifdef __cplusplus
 #define CQ_EXTERN_C extern "C"
 #else
@@ -49,10 +54,14 @@ typedef struct cq_cuda_api {
     int (*dequantize_int8)(const int8_t *q, const float *scale, void *y, int y_dtype, int64_t N,
                            int64_t K, int64_t gn, int64_t gk, cq_stream stream);
     /* W8A8: y[M, N] (y_dtype, bias of y_dtype or NULL) from int8 xq [M, K], xs
-     * [M, xs_groups], wq [N, K], ws [ceil(N/gn), ceil(K/gk)]; see kernels.h */
+     * [M, xs_groups], wq [N, K], ws [ceil(N/gn), ceil(K/gk)]; see kernels.h. workspace
+     * (device memory of workspace_bytes, or NULL): scratch for K-split partial tiles;
+     * CQ_GEMM_WORKSPACE_BYTES(sms) lets every kernel use it, less (or NULL) only turns
+     * the K split off. */
     int (*gemm_int8)(const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
                      const void *bias, void *y, int y_dtype, int64_t M, int64_t N, int64_t K,
-                     int64_t xs_groups, int64_t gn, int64_t gk, cq_stream stream);
+                     int64_t xs_groups, int64_t gn, int64_t gk, void *workspace,
+                     int64_t workspace_bytes, cq_stream stream);
     /* weight-only int8: y = x (q * scale)^T + bias, x/bias/y of `dtype` */
     int (*linear_int8)(const void *x, int dtype, const int8_t *wq, const float *ws,
                        const void *bias, void *y, int64_t M, int64_t N, int64_t K, int64_t gn,

@@ -35,7 +35,8 @@ CQ_HIDDEN int launch_linear_int8(const void *x, int dtype, const int8_t *wq, con
 CQ_HIDDEN int launch_gemm_int8(const int8_t *xq, const float *xs, const int8_t *wq,
                                const float *ws, const void *bias, void *y, int y_dtype,
                                int64_t M, int64_t N, int64_t K, int64_t xs_groups, int64_t gn,
-                               int64_t gk, cudaStream_t stream);
+                               int64_t gk, void *workspace, int64_t workspace_bytes,
+                               cudaStream_t stream);
 
 } /* namespace cq */
 
