@@ -1,5 +1,6 @@
 """Where a W8A8 linear at large M spends its time: the whole op against its parts, each
-timed alone in the same run (CUDA-graph replay, bench/gpu_ops.py's timer).
+timed alone in the same run (CUDA-graph replay, bench/gpu_ops.py's timer; a shape's rows
+in turns, round after round).
 
     python3 bench/w8a8_parts.py [--M 4608] [--layouts int8_row,int8_lode,int8_block]
 
@@ -28,7 +29,7 @@ from comfy_quant_native import layouts as L  # noqa: E402
 from comfy_quant_native import ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_ops import DEV, SHAPES, rotated_copies, time_graph  # noqa: E402
+from gpu_ops import DEV, SHAPES, rotated_copies, time_graph, time_graphs_interleaved  # noqa: E402
 
 GROUPS = {"int8_row": None, "int8_lode": 128, "int8_block": 128}
 
@@ -40,9 +41,10 @@ def gemm_alone(xq, xs, s, N: int, gn: int, gk: int):
 
     def gemm(qi):
         y = torch.empty(M, N, dtype=torch.bfloat16, device=DEV)
+        work = ops.gemm_int8_workspace(y.device, M, gk >= K)
         ops._C.gemm_int8(xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
                          L.DTYPE_CODES[torch.bfloat16], M, N, K, xs.shape[1], gn, gk, 1,
-                         torch.cuda.current_stream().cuda_stream, 1)
+                         torch.cuda.current_stream().cuda_stream, 1, *ops.gemm_int8_workspace_args(work))
         return y
 
     return gemm
@@ -66,30 +68,34 @@ def main() -> None:
         w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
         ws_bf16 = rotated_copies(w)
-        t_bf16 = time_graph(lambda i: F.linear(x, ws_bf16[i]), len(ws_bf16), reps)
-        del ws_bf16
-        for lay in args.layouts.split(","):
+        calls = [(lambda i: F.linear(x, ws_bf16[i]), len(ws_bf16))]
+        lays = args.layouts.split(",")
+        for lay in lays:  # bound now (default arguments), timed after the loop
             g = GROUPS[lay]
             q, s = ops.quantize_int8(w, lay, g)
             gs = L.check_group_size(lay, g, K)
             gn, gk = L.int8_tile(lay, gs, K)
             act_k = L.act_group_k(lay, gs, K)
             qs = rotated_copies(q)
-            t_op = time_graph(lambda i: ops.linear_int8(x, qs[i], s, lay, g), len(qs), reps)
-            t_aq = time_graph(lambda i: ops.quantize_int8_act(x, act_k), 1, reps)
             xq, xs = ops.quantize_int8_act(x, act_k)
             gemm = gemm_alone(xq, xs, s, N, gn, gk)
-            t_cold = time_graph(lambda i: gemm(qs[i]), len(qs), reps)
-            t_warm = time_graph(lambda i: gemm(qs[0]), 1, reps)
+            calls += [(lambda i, qs=qs, s=s, lay=lay, g=g: ops.linear_int8(x, qs[i], s, lay, g), len(qs)),
+                      (lambda i, act_k=act_k: ops.quantize_int8_act(x, act_k), 1),
+                      (lambda i, gemm=gemm, qs=qs: gemm(qs[i]), len(qs)),
+                      (lambda i, gemm=gemm, qs=qs: gemm(qs[0]), 1)]
+        # in turns: the card's clock falls as it heats (gpu_ops.time_graphs_interleaved)
+        times = time_graphs_interleaved(calls, reps)
+        t_bf16 = times[0]
+
+        def c(t):
+            return f"{t:.4f} ({t / t_bf16:.2f}x)"
+
+        for j, lay in enumerate(lays):
+            t_op, t_aq, t_cold, t_warm = times[1 + 4 * j: 5 + 4 * j]
             tops = 2 * M * N * K / (t_cold * 1e-3) / 1e12
-
-            def c(t):
-                return f"{t:.4f} ({t / t_bf16:.2f}x)"
-
             print(f"| {K}, {N} | {lay} | {t_bf16:.4f} | {c(t_op)} | {c(t_aq)} | {c(t_cold)} | {c(t_warm)} "
                   f"| {t_op - t_aq - t_cold:+.4f} | {tops:.0f} |", flush=True)
-            del qs
-        del w, x
+        del calls, ws_bf16, w, x
         torch.cuda.empty_cache()
 
 
