@@ -433,7 +433,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                  * serializes reads of accumulators while any wgmma is in flight, so no
                  * double buffering here); the other warpgroup's MMAs keep the tensor cores
                  * busy meanwhile. Knob gemm_probe (benchmarks only, wrong results): 1
-                 * leaves the promotion out, 2 its conversions (run 49: the conversions
+                 * leaves the promotion out, 2 its conversions (run 51: the conversions
                  * are ~15% of the promotion's cost, the promotion ~1/3 of the GEMM's). */
                 const int64_t row0 = m0 + r0;
                 const float *xs_row0 = xs + (row0 < M ? row0 : M - 1) * xs_groups;
@@ -632,7 +632,7 @@ static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
     if (!PROMOTE && !MCAST && knob(KNOB_GEMM_TAIL) != 1) {
         /* The tiles of a partly filled round, each split into s K parts so that r * s CTAs
          * share them: the last round of several (M = 4608: 3072 x 3072 and 12288 x 3072
-         * have 432 tiles, 3 rounds and 36 tiles in 3 parts; docs/CUDA_NOTES.md, run 51),
+         * have 432 tiles, 3 rounds and 36 tiles in 3 parts; docs/CUDA_NOTES.md, runs 53-56),
          * or the only one when there are fewer tiles than SMs (M = 256, 12288 x 3072: 24
          * tiles in 5 parts, on 120 SMs instead of 24). */
         const int ktiles = (int)((a.K + SM90_BK - 1) / SM90_BK);
@@ -642,7 +642,7 @@ static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
             s = r ? sms / r : 0;
         /* parts of at least 8 K-tiles: part 0 reads each later part's 128 KB of sums
          * from L2 in turn, ~1 us a part (3072 -> 12288 at M = 4608 in 11 parts of 2-3
-         * K-tiles gained nothing: run 51) */
+         * K-tiles gained nothing: run 53) */
         s = s < ktiles / 8 ? s : ktiles / 8;
         const int64_t slots = (int64_t)r * s;
         if (r && s >= 2 && a.workspace && (reinterpret_cast<uintptr_t>(a.workspace) & 15u) == 0 &&
