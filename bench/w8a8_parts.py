@@ -9,6 +9,7 @@ Rows per (K, N, layout), ms and ratio to bf16 F.linear on fresh weights:
   act quant   ops.quantize_int8_act alone
   gemm cold   the GEMM alone on ready xq / xs, weights rotated past L2
   gemm warm   the GEMM alone on one weight reused every call
+  gemm cold, knobs   with --alt knob=value: the GEMM alone with those kernel knobs (A/B)
   op - parts  op minus (act quant + gemm cold): what the sum does not explain
 --ksweep: the GEMM alone (int8_row) at M x N for K from 128 up, to split its time into
 a per-tile fixed part and a per-K-step part (time = rounds x (fixed + K/128 x step)).
@@ -50,20 +51,34 @@ def gemm_alone(xq, xs, s, N: int, gn: int, gk: int):
     return gemm
 
 
+def with_knobs(knobs: dict, gemm, qi):
+    """gemm(qi) with CUDA kernel knobs set (read when the launch is captured), then restored."""
+    before = {k: ops.cuda_kernel_variant(k, v) for k, v in knobs.items()}
+    try:
+        return gemm(qi)
+    finally:
+        for k, v in before.items():
+            ops.cuda_kernel_variant(k, v)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", type=int, default=4608)
     ap.add_argument("--layouts", default="int8_row,int8_lode,int8_block")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--ksweep", type=int, default=0, help="N for a K sweep of the int8_row GEMM")
+    ap.add_argument("--alt", action="append", default=[],
+                    help="knob=value (ops.CUDA_KNOBS), repeatable: one more column, the GEMM alone with them")
     args = ap.parse_args()
     M, reps = args.M, args.reps
     if args.ksweep:
         ksweep(M, args.ksweep, reps)
         return
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {M}")
-    print("| K, N | layout | bf16 | op | act quant | gemm cold | gemm warm | op - parts | gemm cold TOPS |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    alt = dict((k, int(v)) for k, _, v in (item.partition("=") for item in args.alt))
+    alt_col = f" gemm cold, {', '.join(args.alt)} |" if alt else ""
+    print(f"| K, N | layout | bf16 | op | act quant | gemm cold | gemm warm |{alt_col} op - parts | gemm cold TOPS |")
+    print("|---|---|---|---|---|---|---|" + "---|" * (3 if alt else 2))
     for K, N in SHAPES:
         w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
@@ -83,6 +98,8 @@ def main() -> None:
                       (lambda i, act_k=act_k: ops.quantize_int8_act(x, act_k), 1),
                       (lambda i, gemm=gemm, qs=qs: gemm(qs[i]), len(qs)),
                       (lambda i, gemm=gemm, qs=qs: gemm(qs[0]), 1)]
+            if alt:
+                calls.append((lambda i, gemm=gemm, qs=qs: with_knobs(alt, gemm, qs[i]), len(qs)))
         # in turns: the card's clock falls as it heats (gpu_ops.time_graphs_interleaved)
         times = time_graphs_interleaved(calls, reps)
         t_bf16 = times[0]
@@ -90,11 +107,13 @@ def main() -> None:
         def c(t):
             return f"{t:.4f} ({t / t_bf16:.2f}x)"
 
+        per = 5 if alt else 4
         for j, lay in enumerate(lays):
-            t_op, t_aq, t_cold, t_warm = times[1 + 4 * j: 5 + 4 * j]
+            t_op, t_aq, t_cold, t_warm = times[1 + per * j: 5 + per * j]
             tops = 2 * M * N * K / (t_cold * 1e-3) / 1e12
-            print(f"| {K}, {N} | {lay} | {t_bf16:.4f} | {c(t_op)} | {c(t_aq)} | {c(t_cold)} | {c(t_warm)} "
-                  f"| {t_op - t_aq - t_cold:+.4f} | {tops:.0f} |", flush=True)
+            extra = f" {c(times[5 + per * j])} |" if alt else ""
+            print(f"| {K}, {N} | {lay} | {t_bf16:.4f} | {c(t_op)} | {c(t_aq)} | {c(t_cold)} | {c(t_warm)} |{extra}"
+                  f" {t_op - t_aq - t_cold:+.4f} | {tops:.0f} |", flush=True)
         del calls, ws_bf16, w, x
         torch.cuda.empty_cache()
 

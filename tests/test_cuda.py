@@ -468,7 +468,8 @@ def test_w8a8_linear(path, layout, group, dtype):
 @pytest.mark.parametrize("layout,group", [("int8_row", None), ("int8_lode", 128), ("int8_lode", 256),
                                           ("int8_block", 128)])
 @pytest.mark.parametrize("N", [2304, 2300])  # y by bulk tensor stores / by the consumers (N % 8 != 0)
-def test_w8a8_wgmma_many_tiles_per_cta(layout, group, N):
+@pytest.mark.parametrize("stages", [0, 4])  # knob gemm_stages (one K-group): 0 default (here 3), 4 y box by box
+def test_w8a8_wgmma_many_tiles_per_cta(layout, group, N, stages):
     """More tiles than SMs: the persistent wgmma kernel takes several tiles a CTA, its
     stage and epilogue-buffer phases wrap; partial last tiles in N and M."""
     if torch.cuda.get_device_capability() != (9, 0):
@@ -482,7 +483,7 @@ def test_w8a8_wgmma_many_tiles_per_cta(layout, group, N):
     with variant("gemm_int8", GEMM_PATHS["generic"]):
         ref = ops.linear_int8(xd, qd, sd, layout, group, bd)
     poison()
-    with variant("gemm_int8", GEMM_PATHS["sm90"]):
+    with variant("gemm_int8", GEMM_PATHS["sm90"]), variant("gemm_stages", stages):
         y = ops.linear_int8(xd, qd, sd, layout, group, bd)
     # same activation codes and int32 sums; only the float order of the scales differs
     assert rel_err(y, ref) < tol(torch.bfloat16)
@@ -526,7 +527,9 @@ def test_w8a8_wgmma_tail_split(M, N, K):
         y = ops.linear_int8(xd, qd, sd, "int8_row", None, bd)
         torch.cuda.synchronize()
         y2 = ops.linear_int8(xd, qd, sd, "int8_row", None, bd)  # the flags start at zero again
-    assert same_bits(y, ref) and same_bits(y2, ref)
+        with variant("gemm_stages", 4):  # y box by box (the default where K >= 8192)
+            y3 = ops.linear_int8(xd, qd, sd, "int8_row", None, bd)
+    assert same_bits(y, ref) and same_bits(y2, ref) and same_bits(y3, ref)
     assert rel_err(y, reference.linear_int8(x.float(), q, s, "int8_row", None, bias.float())) < tol(torch.bfloat16)
 
 

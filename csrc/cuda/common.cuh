@@ -63,7 +63,8 @@ enum Knob {
     KNOB_STREAM_XREG = 7,/* streamed 4-bit kernel's tokens: 1 staged in shared memory, 2 in registers */
     KNOB_GEMM_PROBE = 8, /* benchmark probe, wrong results: sm90 W8A8 with per-group scales, 1 = no promotion, 2 = promotion without its int -> float conversions */
     KNOB_GEMM_TAIL = 9,  /* sm90 W8A8, one K-group, K split of the last round's tiles: 1 = off, 2 = required (else refused) */
-    KNOB_COUNT = 10
+    KNOB_GEMM_STAGES = 10,/* sm90 W8A8, one K-group: 3 = 3 stages and the whole tile of y staged, 4 = 4 stages and one 64-column box (default: 4 where K >= 8192) */
+    KNOB_COUNT = 11
 };
 CQ_HIDDEN int knob(int which);
 

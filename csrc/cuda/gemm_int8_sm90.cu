@@ -34,11 +34,14 @@ namespace cq {
 
 constexpr int SM90_BM = 128, SM90_BK = 128;
 
-template <int BN, bool PROMOTE> struct Sm90Cfg {
+template <int BN, bool PROMOTE, bool NARROW> struct Sm90Cfg {
     /* 3 x 48 KB (row), 4 x 40 KB (per-group scales, 192 wide) or 5 x 32 KB (128 wide) of
      * stages leave room for a staging tile of y that is not in the ring, which the
-     * producer refills for the next tile while the consumers store this one */
-    static constexpr int STAGES = PROMOTE ? (BN > 128 ? 4 : 5) : 3;
+     * producer refills for the next tile while the consumers store this one. NARROW (row):
+     * 4 x 48 KB of stages and a staging box of 64 columns, the tile stored box by box */
+    static constexpr int STAGES = PROMOTE ? (BN > 128 ? 4 : 5) : (NARROW ? 4 : 3);
+    /* 64-column boxes of y the staging tile holds */
+    static constexpr int STG_BOXES = NARROW ? 1 : BN / 64;
     static constexpr int A_BYTES = SM90_BM * SM90_BK;
     static constexpr int B_BYTES = BN * SM90_BK;
     static constexpr int WS_BYTES = PROMOTE ? BN * 4 : 0;
@@ -47,7 +50,7 @@ template <int BN, bool PROMOTE> struct Sm90Cfg {
     static constexpr int STG_OFF = (STAGES * (A_BYTES + B_BYTES + WS_BYTES) + 1023) / 1024 * 1024;
     /* two buffers of the epilogue's per-column weight scales and bias and per-row token scales */
     static constexpr int EPI_FLOATS = 2 * BN + SM90_BM;
-    static constexpr int EPI_OFF = STG_OFF + SM90_BM * BN * 2;
+    static constexpr int EPI_OFF = STG_OFF + SM90_BM * 64 * STG_BOXES * 2;
     static constexpr int BARS_OFF = EPI_OFF + 2 * EPI_FLOATS * 4;
     static constexpr int SMEM = 1024 + BARS_OFF + (2 * STAGES + 4) * 8;
 };
@@ -206,14 +209,15 @@ __device__ __forceinline__ void flag_wait(const int *f) {
  * columns of wq, one tile each (grid = all tiles); each loads its own A and one half of
  * B, multicast to both, which halves the L2 -> SM traffic of B. A stage is then refilled
  * only after the consumers of both CTAs released it (empty count 16). */
-template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST>
+template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST, bool NARROW>
 __global__ void __launch_bounds__(384, 1)
 gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmB,
                 const __grid_constant__ CUtensorMap tmY, const float *__restrict__ xs, const float *__restrict__ ws,
                 const T *__restrict__ bias, T *__restrict__ y, int64_t M, int64_t N, int64_t K, int64_t xs_groups,
                 int64_t gn, int64_t gk, int mt_eff, int ntiles, int y_bulk, int probe, TailSplit tail) {
 #ifdef CQ_SM90_DEVICE
-    using Cfg = Sm90Cfg<BN, PROMOTE>;
+    using Cfg = Sm90Cfg<BN, PROMOTE, NARROW>;
+    constexpr int STG_BOXES = Cfg::STG_BOXES;
     constexpr int STAGES = Cfg::STAGES, A_BYTES = Cfg::A_BYTES, B_BYTES = Cfg::B_BYTES, HALF_B = BN / 2;
     constexpr int EPI_FLOATS = Cfg::EPI_FLOATS;
     extern __shared__ uint8_t smem_raw[];
@@ -480,57 +484,64 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
             const int b = lt & 1;
             const float *e = epi + b * EPI_FLOATS;
             mbar_wait(epi_full(b), (uint32_t)(lt >> 1) & 1u);
-            if (storer)
-                bulk_wait_read(); /* the previous tile's store has left stg */
-            consumers_sync();     /* ... and every consumer has copied it out (no-bulk path) */
             const float x_s[2] = {e[2 * BN + r0], e[2 * BN + r0 + 8]};
+            /* STG_BOXES 64-column boxes at a time (all of them, or one with NARROW) */
 #pragma unroll
-            for (int i = 0; i < BN / 8; i++) {
-                const int cl = 8 * i + 2 * t; /* tile column */
-                const float2 w_s = *reinterpret_cast<const float2 *>(e + cl);
-                const float2 bb = *reinterpret_cast<const float2 *>(e + BN + cl);
+            for (int bg = 0; bg < BN / 64; bg += STG_BOXES) {
+                if (storer)
+                    bulk_wait_read(); /* the previous store has left stg */
+                consumers_sync();     /* ... and every consumer has copied it out (no-bulk path) */
 #pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    float v[2];
+                for (int i = 8 * bg; i < 8 * (bg + STG_BOXES); i++) {
+                    const int cl = 8 * i + 2 * t; /* tile column */
+                    const float2 w_s = *reinterpret_cast<const float2 *>(e + cl);
+                    const float2 bb = *reinterpret_cast<const float2 *>(e + BN + cl);
 #pragma unroll
-                    for (int q = 0; q < 2; q++) {
-                        if constexpr (PROMOTE)
-                            v[q] = XS_GROUPED ? accf[4 * i + 2 * h + q] : accf[4 * i + 2 * h + q] * x_s[h];
-                        else
-                            v[q] = __fmul_rn((float)acc[4 * i + 2 * h + q], __fmul_rn(x_s[h], q ? w_s.y : w_s.x));
-                        if (bias)
-                            v[q] = __fadd_rn(v[q], q ? bb.y : bb.x);
+                    for (int h = 0; h < 2; h++) {
+                        float v[2];
+#pragma unroll
+                        for (int q = 0; q < 2; q++) {
+                            if constexpr (PROMOTE)
+                                v[q] = XS_GROUPED ? accf[4 * i + 2 * h + q] : accf[4 * i + 2 * h + q] * x_s[h];
+                            else
+                                v[q] = __fmul_rn((float)acc[4 * i + 2 * h + q], __fmul_rn(x_s[h], q ? w_s.y : w_s.x));
+                            if (bias)
+                                v[q] = __fadd_rn(v[q], q ? bb.y : bb.x);
+                        }
+                        *reinterpret_cast<uint32_t *>(stg + stg_offset(r0 + 8 * h, cl - 64 * bg)) =
+                            pack2<T>(v[0], v[1]);
                     }
-                    *reinterpret_cast<uint32_t *>(stg + stg_offset(r0 + 8 * h, cl)) = pack2<T>(v[0], v[1]);
                 }
-            }
-            mbar_arrive(epi_empty(b));
-            fence_async_shared();
-            consumers_sync();
-            if (y_bulk) { /* the tensor map clips rows >= M and columns >= N */
-                if (storer) {
+                if (bg + STG_BOXES >= BN / 64)
+                    mbar_arrive(epi_empty(b)); /* e read for the last time */
+                fence_async_shared();
+                consumers_sync();
+                if (y_bulk) { /* the tensor map clips rows >= M and columns >= N */
+                    if (storer) {
 #pragma unroll
-                    for (int box = 0; box < BN / 64; box++)
-                        if (n0 + 64 * box < N)
-                            tma_store_2d(&tmY, stg_s + box * (SM90_BM * 128), (int)(n0 + 64 * box), (int)m0);
-                    bulk_commit();
-                }
-            } else {
-                /* N % 8 != 0 or y not 16-byte aligned (no tensor map): 16-byte pieces of the
-                 * staged rows, a warp per 32 consecutive pieces, element by element */
-                constexpr int PIECES = BN / 8;
-                for (int c = tid - 128; c < SM90_BM * PIECES; c += 256) {
-                    const int r = c / PIECES, j = c - r * PIECES;
-                    const int64_t grow = m0 + r, gcol = n0 + 8 * j;
-                    if (grow >= M || gcol >= N)
-                        continue;
-                    const uint4 piece = *reinterpret_cast<const uint4 *>(stg + stg_offset(r, 8 * j));
-                    const uint32_t words[4] = {piece.x, piece.y, piece.z, piece.w};
-                    uint16_t *d16 = reinterpret_cast<uint16_t *>(y + grow * N + gcol);
+                        for (int box = bg; box < bg + STG_BOXES; box++)
+                            if (n0 + 64 * box < N)
+                                tma_store_2d(&tmY, stg_s + (box - bg) * (SM90_BM * 128), (int)(n0 + 64 * box),
+                                             (int)m0);
+                        bulk_commit();
+                    }
+                } else {
+                    /* N % 8 != 0 or y not 16-byte aligned (no tensor map): 16-byte pieces of
+                     * the staged rows, a warp per 32 consecutive pieces, element by element */
+                    constexpr int PIECES = 8 * STG_BOXES;
+                    for (int c = tid - 128; c < SM90_BM * PIECES; c += 256) {
+                        const int r = c / PIECES, j = c - r * PIECES;
+                        const int64_t grow = m0 + r, gcol = n0 + 64 * bg + 8 * j;
+                        if (grow >= M || gcol >= N)
+                            continue;
+                        const uint4 piece = *reinterpret_cast<const uint4 *>(stg + stg_offset(r, 8 * j));
+                        const uint32_t words[4] = {piece.x, piece.y, piece.z, piece.w};
+                        uint16_t *d16 = reinterpret_cast<uint16_t *>(y + grow * N + gcol);
 #pragma unroll
-                    for (int q = 0; q < 8; q++)
-                        if (gcol + q < N)
-                            d16[q] = (uint16_t)(words[q >> 1] >> (16 * (q & 1)));
+                        for (int q = 0; q < 8; q++)
+                            if (gcol + q < N)
+                                d16[q] = (uint16_t)(words[q >> 1] >> (16 * (q & 1)));
+                    }
                 }
             }
         }
@@ -604,10 +615,10 @@ template <typename T> static int make_map_y(CUtensorMap *map, T *y, int64_t M, i
     return CQ_OK;
 }
 
-template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST>
+template <typename T, int BN, bool PROMOTE, bool XS_GROUPED, bool MCAST, bool NARROW = false>
 static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
-    using Cfg = Sm90Cfg<BN, PROMOTE>;
-    auto kernel = gemm_int8_wgmma<T, BN, PROMOTE, XS_GROUPED, MCAST>;
+    using Cfg = Sm90Cfg<BN, PROMOTE, NARROW>;
+    auto kernel = gemm_int8_wgmma<T, BN, PROMOTE, XS_GROUPED, MCAST, NARROW>;
     static unsigned long long smem_set; /* bit per device (raise_smem_limit) */
     int st0 = raise_smem_limit(reinterpret_cast<const void *>(kernel), Cfg::SMEM, &smem_set,
                                "gemm_int8 (sm90) shared memory");
@@ -699,8 +710,16 @@ int gemm_int8_sm90(const DeviceInfo &dev, const GemmInt8Args<T> &a, cudaStream_t
                 return run_wgmma<T, 128, true, true, true>(a, dev.sms, stream);
             return run_wgmma<T, 128, true, false, true>(a, dev.sms, stream);
         }
-        if (a.gk >= a.K)
-            return run_wgmma<T, 256, false, false, false>(a, dev.sms, stream);
+        if (a.gk >= a.K) {
+            /* 4 stages with y stored box by box where K is long (run 58: 12288 x 3072 5-6%
+             * faster), 3 stages with the whole tile of y staged where it is short (the
+             * box-by-box epilogue's waits cost 0-4% at K = 3072); knob gemm_stages forces
+             * 3 or 4 */
+            const int forced = knob(KNOB_GEMM_STAGES);
+            if (forced == 4 || (forced != 3 && a.K >= 8192))
+                return run_wgmma<T, 256, false, false, false, true>(a, dev.sms, stream);
+            return run_wgmma<T, 256, false, false, false, false>(a, dev.sms, stream);
+        }
         /* per-group scales: 192-wide tiles (two 96-register accumulator sets a thread,
          * int32 and promoted float32; the promotion's share of a tile is a third smaller
          * than at 128: docs/CUDA_NOTES.md, run 11) */
