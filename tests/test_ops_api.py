@@ -185,6 +185,28 @@ def test_c_valid_calls_run():
         assert getattr(C, name)(*args) is None, name
 
 
+@needs_c
+def test_c_gemm_int8_workspace_arguments():
+    """The optional trailing (workspace, workspace_bytes) of gemm_int8: the CPU kernel
+    ignores a workspace; a negative size, or a size without a pointer, is refused."""
+    b = Bufs()
+    args = _c_calls(b)["gemm_int8"]
+    assert C.gemm_int8(*args, b.p("u8"), 64) is None
+    assert C.gemm_int8(*args, 0, 0) is None
+    with pytest.raises(ValueError, match=r"workspace: -1 bytes"):
+        C.gemm_int8(*args, b.p("u8"), -1)
+    with pytest.raises(ValueError, match=r"workspace: 64 bytes at"):
+        C.gemm_int8(*args, 0, 64)
+
+
+def test_gemm_int8_workspace_only_where_the_cuda_kernel_can_split():
+    cpu = torch.device("cpu")
+    assert ops.gemm_int8_workspace(cpu, 4608, True) is None
+    assert ops.gemm_int8_workspace_args(None) == ()
+    t = torch.empty(10, dtype=torch.uint8)
+    assert ops.gemm_int8_workspace_args(t) == (t.data_ptr(), 10)
+
+
 def _c_bad_cases():
     cases = []
     for name, pos in ARGPOS.items():
