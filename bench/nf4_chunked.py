@@ -4,7 +4,8 @@ of y in place: cuBLAS takes the row stride).
 
     python3 bench/nf4_chunked.py [--M 4608]
 
-Rows (ms, ratio to bf16 F.linear on fresh weights, CUDA-graph replay, weights rotated):
+Rows (ms, ratio to bf16 F.linear on fresh weights, CUDA-graph replay, weights rotated; a
+shape's columns timed in turns, round after round):
   bf16 after a copy   a copy kernel writes the bf16 weight, then F.linear reads it
   whole               ops.linear_4bit as it is (dequantize all, then F.linear)
   chunks C            C row chunks: dequantize chunk c, mm into y[:, chunk c]
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from comfy_quant_native import ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_ops import DEV, SHAPES, rotated_copies, time_graph  # noqa: E402
+from gpu_ops import DEV, SHAPES, rotated_copies, time_graphs_interleaved  # noqa: E402
 
 
 def chunked(x, packed, absmax, N, K, chunks):
@@ -55,17 +56,18 @@ def main() -> None:
             err = float((got - ref.float()).norm() / ref.float().norm())
             assert err < 1e-2, f"chunks {c}: differs from the whole-weight path ({err})"
         wb = rotated_copies(w)
-        t_bf16 = time_graph(lambda i: F.linear(x, wb[i]), len(wb), reps)
         src = w.clone()
-        t_copy = time_graph(lambda i: F.linear(x, wb[i].copy_(src)), len(wb), reps)
-        del wb
         ps = rotated_copies(p)
-        cells = [time_graph(lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), len(ps), reps)]
-        for c in (2, 3, 4, 6, 8):
-            cells.append(time_graph(lambda i, c=c: chunked(x, ps[i], a, N, K, c), len(ps), reps))
-        row = " | ".join(f"{t:.4f} ({t / t_bf16:.2f}x)" for t in [t_copy] + cells)
+        calls = [(lambda i: F.linear(x, wb[i]), len(wb)),
+                 (lambda i: F.linear(x, wb[i].copy_(src)), len(wb)),
+                 (lambda i: ops.linear_4bit(x, ps[i], a, "nf4", 64, (N, K)), len(ps))]
+        calls += [(lambda i, c=c: chunked(x, ps[i], a, N, K, c), len(ps)) for c in (2, 3, 4, 6, 8)]
+        # in turns: the card's clock falls as it heats (gpu_ops.time_graphs_interleaved);
+        # timed one after another, "bf16 after a copy" (second) read 9-21% slow in run 8
+        t_bf16, *cells = time_graphs_interleaved(calls, reps)
+        row = " | ".join(f"{t:.4f} ({t / t_bf16:.2f}x)" for t in cells)
         print(f"| {K}, {N} | {t_bf16:.4f} | {row} |", flush=True)
-        del ps
+        del calls, wb, ps
 
 
 if __name__ == "__main__":
