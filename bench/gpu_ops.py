@@ -302,6 +302,25 @@ def kernel_variants(**knobs):
             ops.cuda_kernel_variant(k, v)
 
 
+def gemm_alone(xq, xs, s, N: int, gn: int, gk: int):
+    """The int8 GEMM of ops.linear_int8 without its activation quantize: qi -> y [M, N]
+    bf16 from ready xq [M, K] / xs and the weight's scales s (with the K-split workspace
+    ops.linear_int8 would pass)."""
+    from comfy_quant_native import layouts as L
+
+    M, K = xq.shape
+
+    def gemm(qi):
+        y = torch.empty(M, N, dtype=torch.bfloat16, device=DEV)
+        work = ops.gemm_int8_workspace(y.device, M, gk >= K)
+        ops._C.gemm_int8(xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
+                         L.DTYPE_CODES[torch.bfloat16], M, N, K, xs.shape[1], gn, gk, 1,
+                         torch.cuda.current_stream().cuda_stream, 1, *ops.gemm_int8_workspace_args(work))
+        return y
+
+    return gemm
+
+
 def bench_skinny_4bit(rows: list[dict], K: int, N: int, ps: list, a, M: int) -> None:
     """The two small-M 4-bit kernels forced in turn (streamed: sm_90 only), each also on one
     weight reused every call (served from L2: what is left when DRAM is not the limit)."""
@@ -370,16 +389,7 @@ def bench_variants(rows: list[dict], only_4bit: bool = False) -> None:
                 from comfy_quant_native import layouts as L
 
                 gs = L.check_group_size(lay, g, K)
-                gn, gk = L.int8_tile(lay, gs, K)
-
-                def gemm(qi):
-                    y = torch.empty(4608, N, dtype=torch.bfloat16, device=DEV)
-                    work = ops.gemm_int8_workspace(y.device, 4608, gk >= K)
-                    ops._C.gemm_int8(xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
-                                     L.DTYPE_CODES[torch.bfloat16], 4608, N, K, xs.shape[1], gn, gk, 1,
-                                     torch.cuda.current_stream().cuda_stream, 1, *ops.gemm_int8_workspace_args(work))
-                    return y
-
+                gemm = gemm_alone(xq, xs, s, N, *L.int8_tile(lay, gs, K))
                 qs = [q, q.clone()]
                 with kernel_variants(gemm_int8=path):
                     ms = time_graph(lambda i: gemm(qs[i]), 2, 10)

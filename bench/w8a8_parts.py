@@ -30,35 +30,16 @@ from comfy_quant_native import layouts as L  # noqa: E402
 from comfy_quant_native import ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_ops import DEV, SHAPES, rotated_copies, time_graph, time_graphs_interleaved  # noqa: E402
+from gpu_ops import (DEV, SHAPES, gemm_alone, kernel_variants, rotated_copies, time_graph,  # noqa: E402
+                     time_graphs_interleaved)
 
 GROUPS = {"int8_row": None, "int8_lode": 128, "int8_block": 128}
 
 
-def gemm_alone(xq, xs, s, N: int, gn: int, gk: int):
-    """The int8 GEMM of ops.linear_int8 without its activation quantize: qi -> y [M, N]
-    bf16 from ready xq [M, K] / xs and the weight's scales s."""
-    M, K = xq.shape
-
-    def gemm(qi):
-        y = torch.empty(M, N, dtype=torch.bfloat16, device=DEV)
-        work = ops.gemm_int8_workspace(y.device, M, gk >= K)
-        ops._C.gemm_int8(xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
-                         L.DTYPE_CODES[torch.bfloat16], M, N, K, xs.shape[1], gn, gk, 1,
-                         torch.cuda.current_stream().cuda_stream, 1, *ops.gemm_int8_workspace_args(work))
-        return y
-
-    return gemm
-
-
-def with_knobs(knobs: dict, gemm, qi):
-    """gemm(qi) with CUDA kernel knobs set (read when the launch is captured), then restored."""
-    before = {k: ops.cuda_kernel_variant(k, v) for k, v in knobs.items()}
-    try:
+def alt_gemm(knobs: dict, gemm, qi):
+    """gemm(qi) under the --alt kernel knobs (read when the launch is captured)."""
+    with kernel_variants(**knobs):
         return gemm(qi)
-    finally:
-        for k, v in before.items():
-            ops.cuda_kernel_variant(k, v)
 
 
 def main() -> None:
@@ -99,7 +80,7 @@ def main() -> None:
                       (lambda i, gemm=gemm, qs=qs: gemm(qs[i]), len(qs)),
                       (lambda i, gemm=gemm, qs=qs: gemm(qs[0]), 1)]
             if alt:
-                calls.append((lambda i, gemm=gemm, qs=qs: with_knobs(alt, gemm, qs[i]), len(qs)))
+                calls.append((lambda i, gemm=gemm, qs=qs: alt_gemm(alt, gemm, qs[i]), len(qs)))
         # in turns: the card's clock falls as it heats (gpu_ops.time_graphs_interleaved)
         times = time_graphs_interleaved(calls, reps)
         t_bf16 = times[0]

@@ -21,7 +21,8 @@ from comfy_quant_native import layouts as L  # noqa: E402
 from comfy_quant_native import ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from w8a8_parts import GROUPS, gemm_alone  # noqa: E402
+from gpu_ops import gemm_alone  # noqa: E402
+from w8a8_parts import GROUPS  # noqa: E402
 
 
 def main() -> None:
