@@ -647,10 +647,8 @@ static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
          * or the only one when there are fewer tiles than SMs (M = 256, 12288 x 3072: 24
          * tiles in 5 parts, on 120 SMs instead of 24). */
         const int ktiles = (int)((a.K + SM90_BK - 1) / SM90_BK);
-        const int r = ntiles > grid ? ntiles % grid : ntiles;
-        int s = r ? grid / r : 0;
-        if (ntiles <= grid)
-            s = r ? sms / r : 0;
+        const int r = ntiles > sms ? ntiles % sms : ntiles;
+        int s = r ? sms / r : 0;
         /* parts of at least 8 K-tiles: part 0 reads each later part's 128 KB of sums
          * from L2 in turn, ~1 us a part (3072 -> 12288 at M = 4608 in 11 parts of 2-3
          * K-tiles gained nothing: run 53) */
