@@ -76,7 +76,7 @@ _load_cuda()
 # Kernel variants of the CUDA backend, forced by tests and bench/gpu_ops.py (0 = automatic).
 CUDA_KNOBS = {"gemm_int8": 0, "linear_4bit": 1, "split_k": 2, "skinny_tile": 3, "linear_int8": 4,
               "skinny_probe": 5, "stream_stages": 6, "stream_xreg": 7, "gemm_probe": 8,
-              "gemm_tail": 9, "gemm_stages": 10}  # skinny_probe: benchmarks only (results are wrong)
+              "gemm_tail": 9, "gemm_stages": 10}  # skinny_probe, gemm_probe: benchmarks only (results are wrong)
 
 
 def cuda_kernel_variant(knob: str, value: int) -> int:
@@ -492,7 +492,6 @@ def _linear_int8(x, q, scale, layout, group_size, bias, act_quant) -> torch.Tens
         _native(_C.gemm_int8, x, xq.data_ptr(), xs.data_ptr(), q.data_ptr(), scale.data_ptr(),
                 0 if b is None else b.data_ptr(), y.data_ptr(), L.DTYPE_CODES[out_dtype], M, N, K, xs.shape[1],
                 gn, gk, optional=gemm_int8_workspace_args(work))
-        del work
         return y.to(x.dtype).reshape(*lead, N)
     if M > fused_max_m(layout, backend, x.dtype):
         w = _dequantize_int8(q, scale, layout, group_size, x.dtype)
