@@ -2,7 +2,7 @@
 timed alone in the same run (CUDA-graph replay, bench/gpu_ops.py's timer; a shape's rows
 in turns, round after round).
 
-    python3 bench/w8a8_parts.py [--M 4608] [--layouts int8_row,int8_lode,int8_block]
+    python3 bench/w8a8_parts.py [--M 4608] [--layouts int8_row,int8_lode,int8_block] [--shape K,N]
 
 Rows per (K, N, layout), ms and ratio to bf16 F.linear on fresh weights:
   op          ops.linear_int8 (activation quantize + GEMM), weights rotated past L2
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--M", type=int, default=4608)
     ap.add_argument("--layouts", default="int8_row,int8_lode,int8_block")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--shape", help="K,N: only this shape (default: gpu_ops.SHAPES)")
     ap.add_argument("--ksweep", type=int, default=0, help="N for a K sweep of the int8_row GEMM")
     ap.add_argument("--alt", action="append", default=[],
                     help="knob=value (ops.CUDA_KNOBS), repeatable: one more column, the GEMM alone with them")
@@ -60,7 +61,8 @@ def main() -> None:
     alt_col = f" gemm cold, {', '.join(args.alt)} |" if alt else ""
     print(f"| K, N | layout | bf16 | op | act quant | gemm cold | gemm warm |{alt_col} op - parts | gemm cold TOPS |")
     print("|---|---|---|---|---|---|---|" + "---|" * (3 if alt else 2))
-    for K, N in SHAPES:
+    shapes = [tuple(int(v) for v in args.shape.split(","))] if args.shape else SHAPES
+    for K, N in shapes:
         w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
         ws_bf16 = rotated_copies(w)

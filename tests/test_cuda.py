@@ -466,7 +466,7 @@ def test_w8a8_linear(path, layout, group, dtype):
 
 
 @pytest.mark.parametrize("layout,group", [("int8_row", None), ("int8_lode", 128), ("int8_lode", 256),
-                                          ("int8_block", 128)])
+                                          ("int8_block", 128), ("int8_block", 256)])
 @pytest.mark.parametrize("N", [2304, 2300])  # y by bulk tensor stores / by the consumers (N % 8 != 0)
 @pytest.mark.parametrize("stages", [0, 4])  # knob gemm_stages (one K-group): 0 default (here 3), 4 y box by box
 def test_w8a8_wgmma_many_tiles_per_cta(layout, group, N, stages):

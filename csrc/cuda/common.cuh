@@ -61,7 +61,7 @@ enum Knob {
     KNOB_SKINNY_PROBE = 5,/* benchmark probe, wrong results: 1 = 4-bit skinny loads only; streamed: 2 = weights only, 3 = no loads (compute alone) */
     KNOB_STREAM_STAGES = 6,/* at most this many stages in the streamed 4-bit kernel's ring (>= 2) */
     KNOB_STREAM_XREG = 7,/* streamed 4-bit kernel's tokens: 1 staged in shared memory, 2 in registers */
-    KNOB_GEMM_PROBE = 8, /* benchmark probe, wrong results: sm90 W8A8 with per-group scales, 1 = no promotion, 2 = promotion without its int -> float conversions */
+    KNOB_GEMM_PROBE = 8, /* benchmark probe, wrong results: sm90 W8A8 with per-group scales, 1 = no promotion */
     KNOB_GEMM_TAIL = 9,  /* sm90 W8A8, one K-group, K split of the last round's tiles: 1 = off, 2 = required (else refused) */
     KNOB_GEMM_STAGES = 10,/* sm90 W8A8, one K-group: 3 = 3 stages and the whole tile of y staged, 4 = 4 stages and one 64-column box (default: 4 where K >= 8192) */
     KNOB_COUNT = 11

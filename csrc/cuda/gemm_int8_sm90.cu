@@ -6,8 +6,9 @@
  *     tiles of wq (K-major, 128-byte swizzle) through the bulk tensor copy engine into
  *     a ring of shared-memory stages, each guarded by a full and an empty mbarrier, and
  *     runs on into the next tile while the consumers finish this one; with per-K-group
- *     scales, warp 1 also copies each stage's BN weight scales; warp 2 stages each
- *     tile's epilogue scales and bias in shared memory (two buffers);
+ *     scales, warp 1 also copies each stage's BN weight scales and, with per-group
+ *     token scales (blockwise), warp 3 the tile's 128 rows' token scales; warp 2 stages
+ *     each tile's epilogue scales and bias in shared memory (two buffers);
  *   warpgroups 1 and 2, the consumers: 64 rows each, wgmma m64nBNk32 s8 -> s32 from
  *     shared memory. One K-group (int8_tensorwise): int32 over all K, scales in the
  *     epilogue. Several K-groups (lodewise, blockwise, group a multiple of 128): the
@@ -44,7 +45,11 @@ template <int BN, bool PROMOTE, bool NARROW> struct Sm90Cfg {
     static constexpr int STG_BOXES = NARROW ? 1 : BN / 64;
     static constexpr int A_BYTES = SM90_BM * SM90_BK;
     static constexpr int B_BYTES = BN * SM90_BK;
-    static constexpr int WS_BYTES = PROMOTE ? BN * 4 : 0;
+    /* a stage's scales (per-group scales): BN weight scales, then with per-group token
+     * scales the 128 rows' scales of the stage's K-group (at WS_COLS) */
+    static constexpr int WS_COLS = BN;
+    static constexpr int WS_FLOATS = PROMOTE ? WS_COLS + SM90_BM : 0;
+    static constexpr int WS_BYTES = WS_FLOATS * 4;
     /* y staged as BN / 64 boxes of 128 rows x 128 bytes, 128-byte swizzle (the bulk tensor
      * store's layout; conflict-free for the accumulator layout's 4-byte stores) */
     static constexpr int STG_OFF = (STAGES * (A_BYTES + B_BYTES + WS_BYTES) + 1023) / 1024 * 1024;
@@ -225,7 +230,8 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
     const uint32_t base = (raw + 1023u) & ~1023u; /* swizzled tiles need 1024-byte alignment */
     uint8_t *gbase = smem_raw + (base - raw);     /* same offset in both CTAs: same dynamic smem layout */
     const uint32_t sA = base, sB = base + STAGES * A_BYTES;
-    float *wsm = reinterpret_cast<float *>(gbase + STAGES * (A_BYTES + B_BYTES));
+    float *wsm = reinterpret_cast<float *>(gbase + STAGES * (A_BYTES + B_BYTES)); /* [STAGES][WS_FLOATS] */
+    constexpr int WS_FLOATS = Cfg::WS_FLOATS;
     uint8_t *stg = gbase + Cfg::STG_OFF;
     const uint32_t stg_s = base + Cfg::STG_OFF;
     float *epi = reinterpret_cast<float *>(gbase + Cfg::EPI_OFF);
@@ -261,7 +267,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; s++) {
-            mbar_init(full(s), 1 + (PROMOTE ? 32 : 0));
+            mbar_init(full(s), 1 + (PROMOTE ? 32 : 0) + (PROMOTE && XS_GROUPED ? 32 : 0));
             mbar_init(empty(s), MCAST ? 16 : 8);
         }
         for (int b = 0; b < 2; b++) {
@@ -315,9 +321,37 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                         k_next += gk;
                     }
                     mbar_wait(empty(s), ((uint32_t)(it / STAGES) & 1u) ^ 1u);
+                    float *st = wsm + s * WS_FLOATS;
 #pragma unroll
                     for (int i = 0; i < BN / 32; i++)
-                        wsm[s * BN + lane + 32 * i] = wcol[i] ? __ldg(wcol[i] + g) : 0.0f;
+                        st[lane + 32 * i] = wcol[i] ? __ldg(wcol[i] + g) : 0.0f;
+                    mbar_arrive(full(s));
+                }
+            }
+        } else if (PROMOTE && XS_GROUPED && warp == 3) {
+            /* each stage's K-group token scales of the tile's 128 rows, staged for the
+             * consumers, whose own loads of them cost 0.03-0.07 ms of ~0.4 at 3072 -> 12288
+             * (runs 61-62); a warp of its own, as warp 1's 40 registers were full */
+            int it = 0;
+            for (int tile = tile0; tile < ntiles; tile += step) {
+                int64_t m0, n0;
+                origin(tile, m0, n0);
+                const int rows = M - m0 < SM90_BM ? (int)(M - m0) : SM90_BM;
+                int64_t g = 0, k_next = gk;
+                for (int kt = 0; kt < ktiles; kt++, it++) {
+                    const int s = it % STAGES;
+                    if ((int64_t)kt * SM90_BK >= k_next) {
+                        g++;
+                        k_next += gk;
+                    }
+                    mbar_wait(empty(s), ((uint32_t)(it / STAGES) & 1u) ^ 1u);
+                    const float *xg = xs + m0 * xs_groups + g;
+                    float *st = wsm + s * WS_FLOATS + Cfg::WS_COLS;
+#pragma unroll
+                    for (int i = 0; i < SM90_BM / 32; i++) { /* rows past M: 0 (never stored) */
+                        const int r = lane + 32 * i;
+                        st[r] = r < rows ? __ldg(xg + r * (int)xs_groups) : 0.0f;
+                    }
                     mbar_arrive(full(s));
                 }
             }
@@ -433,15 +467,35 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                 }
             } else {
                 /* Promotion: at the end of each K-group the group's int32 sums become
-                 * float32 with its scale. A warpgroup waits for its own MMAs (ptxas
-                 * serializes reads of accumulators while any wgmma is in flight, so no
-                 * double buffering here); the other warpgroup's MMAs keep the tensor cores
-                 * busy meanwhile. Knob gemm_probe (benchmarks only, wrong results): 1
-                 * leaves the promotion out, 2 its conversions (run 51: the conversions
-                 * are ~15% of the promotion's cost, the promotion ~1/3 of the GEMM's). */
-                const int64_t row0 = m0 + r0;
-                const float *xs_row0 = xs + (row0 < M ? row0 : M - 1) * xs_groups;
-                const float *xs_row1 = xs + (row0 + 8 < M ? row0 + 8 : M - 1) * xs_groups;
+                 * float32 with its scale. A warpgroup waits for its own MMAs, then
+                 * promotes while the other warpgroup's MMAs run. (Two int32 sets, each
+                 * group promoted under the next group's MMAs of the same warpgroup, ran
+                 * slower: run 61. The promotion's instructions add their own time to the
+                 * tile's whichever way they are ordered: runs 49-52, 61-62.) Knob
+                 * gemm_probe (benchmarks only, wrong results): 1 leaves the promotion out
+                 * (run 62: 0.25 of 0.40 ms at 3072 -> 12288). */
+                /* Block scales (per-group token scales, weight blocks gn wide, gn a multiple
+                 * of 64 and >= 128): the tile's first wsplit columns lie in one weight block
+                 * and the rest in the next; wsplit is 64, 128 or >= BN (n0 and gn are
+                 * multiples of 64), so three unrolled copies with the block boundary known
+                 * need four products of token and weight scales a group and no select (run
+                 * 62: with a select per 8 columns, ptxas multiplied per 8 columns) */
+                const bool two_blocks = XS_GROUPED && gn % 64 == 0 && gn >= 128;
+                const int wsplit = two_blocks ? (int)(gn - n0 % gn) : BN;
+                auto promote_split = [&](auto split_c, const float *wst) {
+                    constexpr int SPLIT = decltype(split_c)::value; /* columns in the first block */
+                    const float xg0 = wst[Cfg::WS_COLS + r0], xg1 = wst[Cfg::WS_COLS + r0 + 8];
+                    const float wa = wst[0], wb = wst[SPLIT < BN ? SPLIT : BN - 1];
+                    const float sa0 = xg0 * wa, sa1 = xg1 * wa, sb0 = xg0 * wb, sb1 = xg1 * wb;
+#pragma unroll
+                    for (int i = 0; i < BN / 8; i++) {
+                        const float s0 = 8 * i < SPLIT ? sa0 : sb0, s1 = 8 * i < SPLIT ? sa1 : sb1;
+                        accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], s0, accf[4 * i + 0]);
+                        accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], s0, accf[4 * i + 1]);
+                        accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], s1, accf[4 * i + 2]);
+                        accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], s1, accf[4 * i + 3]);
+                    }
+                };
 #pragma unroll
                 for (int i = 0; i < BN / 2; i++)
                     accf[i] = 0.0f;
@@ -449,27 +503,31 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                     const int s = it % STAGES;
                     const int in_group = kt % tiles_per_group;
                     const bool last = in_group == tiles_per_group - 1 || kt == ktiles - 1;
-                    float xg0 = 1.0f, xg1 = 1.0f;
-                    if (XS_GROUPED && last) { /* in flight while the MMAs run */
-                        const int g = kt / tiles_per_group;
-                        xg0 = __ldg(xs_row0 + g);
-                        xg1 = __ldg(xs_row1 + g);
-                    }
                     mbar_wait(full(s), (uint32_t)(it / STAGES) & 1u);
                     issue(acc, s, in_group > 0);
                     wgmma_wait<0>();
                     fence_regs(acc);
-                    if (last && probe != 1) {
-                        const float *wst = wsm + s * BN;
+                    const float *wst = wsm + s * WS_FLOATS;
+                    if (!last || probe == 1) {
+                    } else if (two_blocks) {
+                        if (wsplit == 64)
+                            promote_split(std::integral_constant<int, 64>(), wst);
+                        else if (wsplit == 128)
+                            promote_split(std::integral_constant<int, 128>(), wst);
+                        else
+                            promote_split(std::integral_constant<int, BN>(), wst);
+                    } else {
+                        const float xg0 = XS_GROUPED ? wst[Cfg::WS_COLS + r0] : 1.0f;
+                        const float xg1 = XS_GROUPED ? wst[Cfg::WS_COLS + r0 + 8] : 1.0f;
 #pragma unroll
                         for (int i = 0; i < BN / 8; i++) {
                             const float2 w2 = *reinterpret_cast<const float2 *>(wst + 8 * i + 2 * t);
                             const float s00 = XS_GROUPED ? xg0 * w2.x : w2.x, s01 = XS_GROUPED ? xg0 * w2.y : w2.y;
                             const float s10 = XS_GROUPED ? xg1 * w2.x : w2.x, s11 = XS_GROUPED ? xg1 * w2.y : w2.y;
-                            accf[4 * i + 0] = fmaf(probe == 2 ? __int_as_float(acc[4 * i + 0]) : (float)acc[4 * i + 0], s00, accf[4 * i + 0]);
-                            accf[4 * i + 1] = fmaf(probe == 2 ? __int_as_float(acc[4 * i + 1]) : (float)acc[4 * i + 1], s01, accf[4 * i + 1]);
-                            accf[4 * i + 2] = fmaf(probe == 2 ? __int_as_float(acc[4 * i + 2]) : (float)acc[4 * i + 2], s10, accf[4 * i + 2]);
-                            accf[4 * i + 3] = fmaf(probe == 2 ? __int_as_float(acc[4 * i + 3]) : (float)acc[4 * i + 3], s11, accf[4 * i + 3]);
+                            accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], s00, accf[4 * i + 0]);
+                            accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], s01, accf[4 * i + 1]);
+                            accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], s10, accf[4 * i + 2]);
+                            accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], s11, accf[4 * i + 3]);
                         }
                     }
                     release(s);
@@ -718,9 +776,9 @@ int gemm_int8_sm90(const DeviceInfo &dev, const GemmInt8Args<T> &a, cudaStream_t
                 return run_wgmma<T, 256, false, false, false, true>(a, dev.sms, stream);
             return run_wgmma<T, 256, false, false, false, false>(a, dev.sms, stream);
         }
-        /* per-group scales: 192-wide tiles (two 96-register accumulator sets a thread,
-         * int32 and promoted float32; the promotion's share of a tile is a third smaller
-         * than at 128: docs/CUDA_NOTES.md, run 11) */
+        /* per-group scales: 192-wide tiles, one int32 set, each warpgroup waiting for its
+         * MMAs before it promotes (run 9: faster than 128 wide; run 61: also faster than
+         * 128 wide with two int32 sets, each group promoted under the next one's MMAs) */
         if (a.xs_groups > 1)
             return run_wgmma<T, 192, true, true, false>(a, dev.sms, stream);
         return run_wgmma<T, 192, true, false, false>(a, dev.sms, stream);
