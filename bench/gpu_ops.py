@@ -312,7 +312,7 @@ def gemm_alone(xq, xs, s, N: int, gn: int, gk: int):
 
     def gemm(qi):
         y = torch.empty(M, N, dtype=torch.bfloat16, device=DEV)
-        work = ops.gemm_int8_workspace(y.device, M, gk >= K)
+        work = ops.gemm_int8_workspace(y.device, M)
         ops._C.gemm_int8(xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
                          L.DTYPE_CODES[torch.bfloat16], M, N, K, xs.shape[1], gn, gk, 1,
                          torch.cuda.current_stream().cuda_stream, 1, *ops.gemm_int8_workspace_args(work))

@@ -449,12 +449,12 @@ def _quantize_int8_act(x2d, group_k) -> tuple[torch.Tensor, torch.Tensor]:
 GEMM_WORKSPACE_BYTES_PER_SM = 128 * 256 * 4 + 4
 
 
-def gemm_int8_workspace(device: torch.device, M: int, one_group: bool) -> torch.Tensor | None:
-    """Scratch for _C.gemm_int8's trailing (workspace, workspace_bytes): on CUDA, for one
-    K-group and more rows than the small-M kernels take, it lets the sm_90 kernel split
-    the K of a partly filled round of tiles (torch's allocator: stream-ordered,
-    capturable); else None. Keep the tensor alive until the launch has been issued."""
-    if device.type != "cuda" or not one_group or M <= FUSED_MAX_M_INT8["cuda"][torch.bfloat16]:
+def gemm_int8_workspace(device: torch.device, M: int) -> torch.Tensor | None:
+    """Scratch for _C.gemm_int8's trailing (workspace, workspace_bytes): on CUDA, for more
+    rows than the small-M kernels take, it lets the sm_90 kernel split the K of a partly
+    filled round of tiles (torch's allocator: stream-ordered, capturable); else None.
+    Keep the tensor alive until the launch has been issued."""
+    if device.type != "cuda" or M <= FUSED_MAX_M_INT8["cuda"][torch.bfloat16]:
         return None
     nbytes = torch.cuda.get_device_properties(device).multi_processor_count * GEMM_WORKSPACE_BYTES_PER_SM
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -488,7 +488,7 @@ def _linear_int8(x, q, scale, layout, group_size, bias, act_quant) -> torch.Tens
         x2 = x.reshape(M, K).contiguous()
         xq, xs = _quantize_int8_tiles(x2, 1, L.act_group_k(layout, group_size, K), "x")
         y = torch.empty(M, N, dtype=out_dtype, device=x.device)
-        work = gemm_int8_workspace(x.device, M, gk >= K)
+        work = gemm_int8_workspace(x.device, M)
         _native(_C.gemm_int8, x, xq.data_ptr(), xs.data_ptr(), q.data_ptr(), scale.data_ptr(),
                 0 if b is None else b.data_ptr(), y.data_ptr(), L.DTYPE_CODES[out_dtype], M, N, K, xs.shape[1],
                 gn, gk, optional=gemm_int8_workspace_args(work))

@@ -491,11 +491,12 @@ def test_w8a8_wgmma_many_tiles_per_cta(layout, group, N, stages):
         assert same_bits(y, ref)
 
 
-def tail_split_parts(M: int, N: int, K: int, sms: int) -> int:
-    """The K parts of the sm90 int8_row kernel's split of a partly filled round of 128 x 256
-    tiles (gemm_int8_sm90.cu, run_wgmma), 0 where it takes none: mirrored here so that the
-    test knows where the kernel must split."""
-    tiles, ktiles = -(-M // 128) * -(-N // 256), -(-K // 128)
+def tail_split_parts(M: int, N: int, K: int, sms: int, BN: int = 256) -> int:
+    """The K parts of the sm90 W8A8 kernel's split of a partly filled round of 128 x BN
+    tiles (gemm_int8_sm90.cu, run_wgmma; BN 256 for one K-group, 192 with per-group
+    scales), 0 where it takes none: mirrored here so that the test knows where the kernel
+    must split."""
+    tiles, ktiles = -(-M // 128) * -(-N // BN), -(-K // 128)
     r = tiles % sms if tiles > sms else tiles
     s = min(sms // r if r else 0, ktiles // 8)
     return s if r and s >= 2 else 0
@@ -531,6 +532,38 @@ def test_w8a8_wgmma_tail_split(M, N, K):
             y3 = ops.linear_int8(xd, qd, sd, "int8_row", None, bd)
     assert same_bits(y, ref) and same_bits(y2, ref) and same_bits(y3, ref)
     assert rel_err(y, reference.linear_int8(x.float(), q, s, "int8_row", None, bias.float())) < tol(torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout,group", [("int8_lode", 128), ("int8_lode", 512), ("int8_block", 128),
+                                          ("int8_block", 256)])
+@pytest.mark.parametrize("M,N,K", [(4608, 3072, 3072), (520, 2300, 2048), (256, 1000, 2560)])
+def test_w8a8_wgmma_tail_split_promoted(layout, group, M, N, K):
+    """Per-group scales: the partly filled round's 128 x 192 tiles split over K, each part
+    promoting its own K-tiles, part 0 adding the later parts' float32 sums. On 132 SMs:
+    576 tiles, 48 in 2 parts of 12 K-tiles; 60 tiles (partial in M and N, N % 8 != 0) in 2
+    parts; one round of 12 tiles in 2 parts of 10 K-tiles, which cut a group of 512 (4
+    K-tiles; a part's share of a group takes the group's scale). Equal to the unsplit
+    kernel up to float32 rounding before the bf16 output, the same bits on a second call."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma kernel: sm_90 only")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if not tail_split_parts(M, N, K, sms, BN=192):
+        pytest.skip(f"no K split for {M} x {N} x {K} on {sms} SMs")
+    w = weight(N, K)
+    q, s = reference.quantize_int8(w, layout, group)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    bias = torch.randn(N, dtype=torch.bfloat16)
+    qd, sd, xd, bd = q.to(DEV), s.to(DEV), x.to(DEV), bias.to(DEV)
+    with variant("gemm_int8", GEMM_PATHS["sm90"]), variant("gemm_tail", 1):
+        ref = ops.linear_int8(xd, qd, sd, layout, group, bd)
+    poison()
+    with variant("gemm_int8", GEMM_PATHS["sm90"]), variant("gemm_tail", 2):
+        y = ops.linear_int8(xd, qd, sd, layout, group, bd)
+        torch.cuda.synchronize()
+        y2 = ops.linear_int8(xd, qd, sd, layout, group, bd)  # the flags start at zero again
+    assert same_bits(y, y2)
+    assert rel_err(y, ref) < 2.0 ** -8  # a part lost or added twice: ~0.5
+    assert rel_err(y, reference.linear_int8(x.float(), q, s, layout, group, bias.float())) < tol(torch.bfloat16)
 
 
 def test_w8a8_wgmma_tail_split_refused_where_it_does_not_apply():

@@ -201,7 +201,7 @@ def test_c_gemm_int8_workspace_arguments():
 
 def test_gemm_int8_workspace_only_where_the_cuda_kernel_can_split():
     cpu = torch.device("cpu")
-    assert ops.gemm_int8_workspace(cpu, 4608, True) is None
+    assert ops.gemm_int8_workspace(cpu, 4608) is None
     assert ops.gemm_int8_workspace_args(None) == ()
     t = torch.empty(10, dtype=torch.uint8)
     assert ops.gemm_int8_workspace_args(t) == (t.data_ptr(), 10)

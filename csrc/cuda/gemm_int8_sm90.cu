@@ -130,6 +130,16 @@ __device__ __forceinline__ int stg_offset(int r, int c) {
     return (c >> 6) * (SM90_BM * 128) + r * 128 + ((((c & 63) >> 3) ^ (r & 7)) << 4) + ((c & 7) << 1);
 }
 
+/* true in one lane of the (converged) warp; needs no lane index in a register (the
+ * promotion kernels' consumers have none to spare with the K split: lane spilled) */
+__device__ __forceinline__ bool elect_one() {
+    uint32_t one = 0;
+#ifdef CQ_SM90_DEVICE
+    asm volatile("{\n.reg .pred p;\nelect.sync _|p, 0xffffffff;\nselp.u32 %0, 1, 0, p;\n}\n" : "=r"(one));
+#endif
+    return one != 0;
+}
+
 /* the two consumer warpgroups (threads 128..383) only */
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 
@@ -177,17 +187,17 @@ __device__ __forceinline__ void cluster_sync_all() {
 #endif
 }
 
-/* The K split of the last, partly filled round of tiles (one K-group only; the persistent
- * grid of G CTAs, work w on CTA w % G). Works 0 .. dp - 1 (dp a multiple of G) are whole
+/* The K split of the last, partly filled round of tiles (the persistent grid of G CTAs,
+ * work w on CTA w % G). Works 0 .. dp - 1 (dp a multiple of G) are whole
  * tiles; then the r tail tiles dp .. dp + r - 1 are each split into s K parts, item
  * part * r + t (work dp + item, so on CTA item) being part `part` of tail tile t. Every
  * CTA's item comes after its whole tiles, all at once, so the parts run side by side, and
  * they read the same K-tiles of A and B at about the same time, as whole tiles do. Part 0
- * adds the int32 sums of parts 1 .. s - 1 from their slots and stores y. No split: dp =
- * ntiles, r = 1, s = 0. */
+ * adds the sums of parts 1 .. s - 1 from their slots (int32, or with per-group scales the
+ * promoted float32) and stores y. No split: dp = ntiles, r = 1, s = 0. */
 struct TailSplit {
     int dp, r, s;
-    int *part;  /* [r * s items][BN / 8 pieces][256 consumer threads][4 registers] int32 */
+    int *part;  /* [r * s items][BN / 8 pieces][256 consumer threads][4 registers] int32 (or float32 bits) */
     int *flags; /* [r * s items], zero at the launch, 1 when the item's slot is written */
 };
 
@@ -303,8 +313,10 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                 }
             }
         } else if (PROMOTE && warp == 1) {
-            int it = 0; /* per-group scales take no K split (the whole K of each work) */
-            for (int tile = tile0; tile < ntiles; tile += step) {
+            int it = 0;
+            for (int w = tile0; w < nworks; w += step) {
+                int tile, kt0, kt1, item;
+                work(w, tile, kt0, kt1, item);
                 int64_t m0, n0;
                 origin(tile, m0, n0);
                 const float *wcol[BN / 32]; /* this lane's columns' scale rows */
@@ -313,8 +325,9 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                     const int64_t n = n0 + lane + 32 * i;
                     wcol[i] = n < N ? ws + (n / gn) * kb : nullptr;
                 }
-                int64_t g = 0, k_next = gk; /* K-group of tile kt, without a division a tile */
-                for (int kt = 0; kt < ktiles; kt++, it++) {
+                /* K-group of tile kt, without a division a tile */
+                int64_t g = (int64_t)kt0 * SM90_BK / gk, k_next = (g + 1) * gk;
+                for (int kt = kt0; kt < kt1; kt++, it++) {
                     const int s = it % STAGES;
                     if ((int64_t)kt * SM90_BK >= k_next) {
                         g++;
@@ -333,12 +346,14 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
              * consumers, whose own loads of them cost 0.03-0.07 ms of ~0.4 at 3072 -> 12288
              * (runs 61-62); a warp of its own, as warp 1's 40 registers were full */
             int it = 0;
-            for (int tile = tile0; tile < ntiles; tile += step) {
+            for (int w = tile0; w < nworks; w += step) {
+                int tile, kt0, kt1, item;
+                work(w, tile, kt0, kt1, item);
                 int64_t m0, n0;
                 origin(tile, m0, n0);
                 const int rows = M - m0 < SM90_BM ? (int)(M - m0) : SM90_BM;
-                int64_t g = 0, k_next = gk;
-                for (int kt = 0; kt < ktiles; kt++, it++) {
+                int64_t g = (int64_t)kt0 * SM90_BK / gk, k_next = (g + 1) * gk;
+                for (int kt = kt0; kt < kt1; kt++, it++) {
                     const int s = it % STAGES;
                     if ((int64_t)kt * SM90_BK >= k_next) {
                         g++;
@@ -387,7 +402,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
             __syncwarp();
             if (MCAST && lane < 2)
                 mbar_arrive_cluster(empty(s), (uint32_t)lane);
-            else if (!MCAST && lane == 0)
+            else if (!MCAST && elect_one())
                 mbar_arrive(empty(s));
         };
         auto issue = [&](int (&d)[BN / 2], int s, bool accumulate) {
@@ -424,47 +439,6 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                 wgmma_wait<0>();
                 fence_regs(acc);
                 release(s);
-                if (item >= tail.r) {
-                    /* a later K part of a tail tile: its int32 sums to this item's slot
-                     * (4 registers a 16-byte piece, pieces thread-minor, so a warp's
-                     * stores are 512 contiguous bytes), then the flag; the epilogue
-                     * buffer is taken and handed back unused */
-                    int4 *slot = reinterpret_cast<int4 *>(tail.part + (size_t)item * (BN / 2) * 256) + (tid - 128);
-#pragma unroll
-                    for (int i = 0; i < BN / 8; i++)
-                        __stcg(slot + i * 256, make_int4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
-                    __threadfence();
-                    const int b = lt & 1;
-                    mbar_wait(epi_full(b), (uint32_t)(lt >> 1) & 1u);
-                    mbar_arrive(epi_empty(b));
-                    consumers_sync();
-                    if (tid == 128)
-                        flag_release(tail.flags + item);
-                    continue;
-                }
-                if (item >= 0) {
-                    /* the first K part of a tail tile: add the later parts' sums (int32,
-                     * so the same bits as one CTA's); they were computed first thing by
-                     * CTAs that are resident (one a multiprocessor), so the wait is short */
-                    if (tid == 128)
-                        for (int part = 1; part < tail.s; part++)
-                            flag_wait(tail.flags + item + part * tail.r);
-                    consumers_sync();
-                    __threadfence();
-                    for (int part = 1; part < tail.s; part++) {
-                        const int4 *slot =
-                            reinterpret_cast<const int4 *>(tail.part + (size_t)(item + part * tail.r) * (BN / 2) * 256) +
-                            (tid - 128);
-#pragma unroll
-                        for (int i = 0; i < BN / 8; i++) {
-                            const int4 v = __ldcg(slot + i * 256);
-                            acc[4 * i] += v.x;
-                            acc[4 * i + 1] += v.y;
-                            acc[4 * i + 2] += v.z;
-                            acc[4 * i + 3] += v.w;
-                        }
-                    }
-                }
             } else {
                 /* Promotion: at the end of each K-group the group's int32 sums become
                  * float32 with its scale. A warpgroup waits for its own MMAs, then
@@ -499,12 +473,14 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
 #pragma unroll
                 for (int i = 0; i < BN / 2; i++)
                     accf[i] = 0.0f;
-                for (int kt = 0; kt < ktiles; kt++, it++) {
+                for (int kt = kt0; kt < kt1; kt++, it++) {
                     const int s = it % STAGES;
                     const int in_group = kt % tiles_per_group;
-                    const bool last = in_group == tiles_per_group - 1 || kt == ktiles - 1;
+                    /* a K part may start or end inside a group: its share of the group's
+                     * sum takes the group's scale all the same */
+                    const bool last = in_group == tiles_per_group - 1 || kt == kt1 - 1;
                     mbar_wait(full(s), (uint32_t)(it / STAGES) & 1u);
-                    issue(acc, s, in_group > 0);
+                    issue(acc, s, in_group > 0 && kt > kt0);
                     wgmma_wait<0>();
                     fence_regs(acc);
                     const float *wst = wsm + s * WS_FLOATS;
@@ -534,6 +510,65 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                 }
             }
 
+            /* the K split of the tail (tail.s parts a tile): int32 sums, or with the
+             * promotion float32 sums (their bits), moved 16 bytes a register quad */
+            auto piece = [&](int i) {
+                if constexpr (PROMOTE)
+                    return make_int4(__float_as_int(accf[4 * i]), __float_as_int(accf[4 * i + 1]),
+                                     __float_as_int(accf[4 * i + 2]), __float_as_int(accf[4 * i + 3]));
+                else
+                    return make_int4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+            };
+            auto add_piece = [&](int i, int4 v) {
+                if constexpr (PROMOTE) {
+                    accf[4 * i] += __int_as_float(v.x);
+                    accf[4 * i + 1] += __int_as_float(v.y);
+                    accf[4 * i + 2] += __int_as_float(v.z);
+                    accf[4 * i + 3] += __int_as_float(v.w);
+                } else {
+                    acc[4 * i] += v.x;
+                    acc[4 * i + 1] += v.y;
+                    acc[4 * i + 2] += v.z;
+                    acc[4 * i + 3] += v.w;
+                }
+            };
+            if (item >= tail.r) {
+                /* a later K part of a tail tile: its sums to this item's slot (4
+                 * registers a 16-byte piece, pieces thread-minor, so a warp's stores
+                 * are 512 contiguous bytes), then the flag; the epilogue buffer is
+                 * taken and handed back unused */
+                int4 *slot = reinterpret_cast<int4 *>(tail.part + (size_t)item * (BN / 2) * 256) + (tid - 128);
+#pragma unroll
+                for (int i = 0; i < BN / 8; i++)
+                    __stcg(slot + i * 256, piece(i));
+                __threadfence();
+                const int b = lt & 1;
+                mbar_wait(epi_full(b), (uint32_t)(lt >> 1) & 1u);
+                mbar_arrive(epi_empty(b));
+                consumers_sync();
+                if (tid == 128)
+                    flag_release(tail.flags + item);
+                continue;
+            }
+            if (item >= 0) {
+                /* the first K part of a tail tile: add the later parts' sums (int32:
+                 * the same bits as one CTA's; float32: in part order, the same bits
+                 * every call); they were computed first thing by CTAs that are
+                 * resident (one a multiprocessor), so the wait is short */
+                if (tid == 128)
+                    for (int part = 1; part < tail.s; part++)
+                        flag_wait(tail.flags + item + part * tail.r);
+                consumers_sync();
+                __threadfence();
+                for (int part = 1; part < tail.s; part++) {
+                    const int4 *slot =
+                        reinterpret_cast<const int4 *>(tail.part + (size_t)(item + part * tail.r) * (BN / 2) * 256) +
+                        (tid - 128);
+#pragma unroll
+                    for (int i = 0; i < BN / 8; i++)
+                        add_piece(i, __ldcg(slot + i * 256));
+                }
+            }
             /* Epilogue. Register 4i + 2h + e holds (r0 + 8h, 8i + 2t + e) of the tile. The
              * scaled tile is staged in shared memory, then the bulk copy engine stores it
              * while the consumers go on to the next tile's MMAs. (Stored by the consumers,
@@ -698,12 +733,13 @@ static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
     const int ntiles = (int)(mt_eff * nt);
     int grid = ntiles < sms ? ntiles : sms;
     TailSplit tail{ntiles, 1, 0, nullptr, nullptr};
-    if (!PROMOTE && !MCAST && knob(KNOB_GEMM_TAIL) != 1) {
+    if (!MCAST && knob(KNOB_GEMM_TAIL) != 1) {
         /* The tiles of a partly filled round, each split into s K parts so that r * s CTAs
          * share them: the last round of several (M = 4608: 3072 x 3072 and 12288 x 3072
-         * have 432 tiles, 3 rounds and 36 tiles in 3 parts; docs/CUDA_NOTES.md, runs 53-56),
-         * or the only one when there are fewer tiles than SMs (M = 256, 12288 x 3072: 24
-         * tiles in 5 parts, on 120 SMs instead of 24). */
+         * have 432 tiles, 3 rounds and 36 tiles in 3 parts; docs/CUDA_NOTES.md, runs 53-56;
+         * per-group scales, 192 wide: 12288 x 3072 576 tiles, 48 in 2 parts, run 64), or the
+         * only one when there are fewer tiles than SMs (M = 256, 12288 x 3072: 24 tiles in
+         * 5 parts, on 120 SMs instead of 24). */
         const int ktiles = (int)((a.K + SM90_BK - 1) / SM90_BK);
         const int r = ntiles > sms ? ntiles % sms : ntiles;
         int s = r ? sms / r : 0;
