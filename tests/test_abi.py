@@ -134,3 +134,14 @@ def test_extension_equals_header_text(constants):
             assert value == enums[key], key
         elif key != "CQ_CUDA_API_VERSION":
             assert value == int(header_define(key)), key
+
+
+def test_cuda_knob_names_match_common_cuh():
+    """ops.CUDA_KNOBS (the names tests and benchmarks force) are the CUDA backend's enum
+    Knob (csrc/cuda/common.cuh), KNOB_GEMM_INT8 -> "gemm_int8", each at its number: a
+    knob added or renumbered on one side only would silently force the wrong variant."""
+    text = (ROOT / "csrc" / "cuda" / "common.cuh").read_text()
+    knobs = header_enum("Knob", text)
+    count = knobs.pop("KNOB_COUNT")
+    assert {k.removeprefix("KNOB_").lower(): v for k, v in knobs.items()} == ops.CUDA_KNOBS
+    assert sorted(ops.CUDA_KNOBS.values()) == list(range(count))
