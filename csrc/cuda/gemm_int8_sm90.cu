@@ -312,63 +312,60 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                         tma_load_2d(sB + s * B_BYTES, &tmB, kt * SM90_BK, (int)n0, full(s));
                 }
             }
-        } else if (PROMOTE && warp == 1) {
-            int it = 0;
-            for (int w = tile0; w < nworks; w += step) {
-                int tile, kt0, kt1, item;
-                work(w, tile, kt0, kt1, item);
-                int64_t m0, n0;
-                origin(tile, m0, n0);
-                const float *wcol[BN / 32]; /* this lane's columns' scale rows */
-#pragma unroll
-                for (int i = 0; i < BN / 32; i++) {
-                    const int64_t n = n0 + lane + 32 * i;
-                    wcol[i] = n < N ? ws + (n / gn) * kb : nullptr;
-                }
-                /* K-group of tile kt, without a division a tile */
-                int64_t g = (int64_t)kt0 * SM90_BK / gk, k_next = (g + 1) * gk;
-                for (int kt = kt0; kt < kt1; kt++, it++) {
-                    const int s = it % STAGES;
-                    if ((int64_t)kt * SM90_BK >= k_next) {
-                        g++;
-                        k_next += gk;
+        } else if (PROMOTE && (warp == 1 || (XS_GROUPED && warp == 3))) {
+            /* Each stage's scales for the consumers' promotion, staged as the stage's K-group
+             * comes: warp 1 the BN columns' weight scales; warp 3 (blockwise: per-group token
+             * scales) the tile's 128 rows' token scales, which the consumers' own loads cost
+             * 0.03-0.07 ms of ~0.4 at 3072 -> 12288 (runs 61-62). Two warps, as warp 1's 40
+             * registers had no room for both. per_work(m0, n0) returns fill(stage scales, g). */
+            auto stage_scales = [&](auto &&per_work) {
+                int it = 0;
+                for (int w = tile0; w < nworks; w += step) {
+                    int tile, kt0, kt1, item;
+                    work(w, tile, kt0, kt1, item);
+                    int64_t m0, n0;
+                    origin(tile, m0, n0);
+                    auto fill = per_work(m0, n0);
+                    /* K-group of tile kt, without a division a tile */
+                    int64_t g = (int64_t)kt0 * SM90_BK / gk, k_next = (g + 1) * gk;
+                    for (int kt = kt0; kt < kt1; kt++, it++) {
+                        const int s = it % STAGES;
+                        if ((int64_t)kt * SM90_BK >= k_next) {
+                            g++;
+                            k_next += gk;
+                        }
+                        mbar_wait(empty(s), ((uint32_t)(it / STAGES) & 1u) ^ 1u);
+                        fill(wsm + s * WS_FLOATS, g);
+                        mbar_arrive(full(s));
                     }
-                    mbar_wait(empty(s), ((uint32_t)(it / STAGES) & 1u) ^ 1u);
-                    float *st = wsm + s * WS_FLOATS;
-#pragma unroll
-                    for (int i = 0; i < BN / 32; i++)
-                        st[lane + 32 * i] = wcol[i] ? __ldg(wcol[i] + g) : 0.0f;
-                    mbar_arrive(full(s));
                 }
-            }
-        } else if (PROMOTE && XS_GROUPED && warp == 3) {
-            /* each stage's K-group token scales of the tile's 128 rows, staged for the
-             * consumers, whose own loads of them cost 0.03-0.07 ms of ~0.4 at 3072 -> 12288
-             * (runs 61-62); a warp of its own, as warp 1's 40 registers were full */
-            int it = 0;
-            for (int w = tile0; w < nworks; w += step) {
-                int tile, kt0, kt1, item;
-                work(w, tile, kt0, kt1, item);
-                int64_t m0, n0;
-                origin(tile, m0, n0);
-                const int rows = M - m0 < SM90_BM ? (int)(M - m0) : SM90_BM;
-                int64_t g = (int64_t)kt0 * SM90_BK / gk, k_next = (g + 1) * gk;
-                for (int kt = kt0; kt < kt1; kt++, it++) {
-                    const int s = it % STAGES;
-                    if ((int64_t)kt * SM90_BK >= k_next) {
-                        g++;
-                        k_next += gk;
-                    }
-                    mbar_wait(empty(s), ((uint32_t)(it / STAGES) & 1u) ^ 1u);
-                    const float *xg = xs + m0 * xs_groups + g;
-                    float *st = wsm + s * WS_FLOATS + Cfg::WS_COLS;
+            };
+            if (warp == 1) {
+                stage_scales([&](int64_t, int64_t n0) {
+                    const float *wcol[BN / 32]; /* this lane's columns' scale rows */
 #pragma unroll
-                    for (int i = 0; i < SM90_BM / 32; i++) { /* rows past M: 0 (never stored) */
-                        const int r = lane + 32 * i;
-                        st[r] = r < rows ? __ldg(xg + r * (int)xs_groups) : 0.0f;
+                    for (int i = 0; i < BN / 32; i++) {
+                        const int64_t n = n0 + lane + 32 * i;
+                        wcol[i] = n < N ? ws + (n / gn) * kb : nullptr;
                     }
-                    mbar_arrive(full(s));
-                }
+                    return [=](float *st, int64_t g) {
+#pragma unroll
+                        for (int i = 0; i < BN / 32; i++)
+                            st[lane + 32 * i] = wcol[i] ? __ldg(wcol[i] + g) : 0.0f;
+                    };
+                });
+            } else {
+                stage_scales([&](int64_t m0, int64_t) {
+                    const int rows = M - m0 < SM90_BM ? (int)(M - m0) : SM90_BM;
+                    const float *xt = xs + m0 * xs_groups;
+                    return [=](float *st, int64_t g) {
+#pragma unroll
+                        for (int i = 0; i < SM90_BM / 32; i++) { /* rows past M: 0 (never stored) */
+                            const int r = lane + 32 * i;
+                            st[Cfg::WS_COLS + r] = r < rows ? __ldg(xt + g + r * (int)xs_groups) : 0.0f;
+                        }
+                    };
+                });
             }
         } else if (warp == 2) {
             int lt = 0;
@@ -484,15 +481,14 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                     wgmma_wait<0>();
                     fence_regs(acc);
                     const float *wst = wsm + s * WS_FLOATS;
-                    if (!last || probe == 1) {
-                    } else if (two_blocks) {
+                    if (last && probe != 1 && two_blocks) {
                         if (wsplit == 64)
                             promote_split(std::integral_constant<int, 64>(), wst);
                         else if (wsplit == 128)
                             promote_split(std::integral_constant<int, 128>(), wst);
                         else
                             promote_split(std::integral_constant<int, BN>(), wst);
-                    } else {
+                    } else if (last && probe != 1) {
                         const float xg0 = XS_GROUPED ? wst[Cfg::WS_COLS + r0] : 1.0f;
                         const float xg1 = XS_GROUPED ? wst[Cfg::WS_COLS + r0 + 8] : 1.0f;
 #pragma unroll
