@@ -58,6 +58,7 @@ template <int BN, bool PROMOTE, bool NARROW> struct Sm90Cfg {
     static constexpr int EPI_OFF = STG_OFF + SM90_BM * 64 * STG_BOXES * 2;
     static constexpr int BARS_OFF = EPI_OFF + 2 * EPI_FLOATS * 4;
     static constexpr int SMEM = 1024 + BARS_OFF + (2 * STAGES + 4) * 8;
+    static_assert(SMEM <= 227 * 1024, "more than sm_90's 227 KB of shared memory a block");
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
