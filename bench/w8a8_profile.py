@@ -1,7 +1,7 @@
 """One call of the W8A8 GEMM alone per layout, for a profiler (Nsight Compute):
 
     ncu --clock-control none --profile-from-start off -k regex:gemm_int8 \
-        python3 bench/w8a8_profile.py [--K 3072 --N 12288 --M 4608] [--knob gemm_turns=1]
+        python3 bench/w8a8_profile.py [--K 3072 --N 12288 --M 4608] [--knob gemm_probe=1]
 
 Warms up outside the profiled range, then runs each layout's GEMM once between
 cudaProfilerStart and cudaProfilerStop (torch.cuda.profiler), so only those launches are
