@@ -142,6 +142,35 @@ __device__ __forceinline__ uint32_t warp_max_u32(uint32_t v, int width) {
     return v;
 }
 
+/* amax bits of a group of 2^log2_g values (32-256) held 8 a lane by consecutive lanes,
+ * the same in each of its lanes */
+__device__ __forceinline__ uint32_t lane_group_amax(const float v[8], int log2_g) {
+    uint32_t amax = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        amax = max(amax, abs_bits(v[j]));
+    return warp_max_u32(amax, 1 << (log2_g - 3));
+}
+
+/* A launch of `grid` blocks of `threads` with `smem` bytes of dynamic shared memory on
+ * `stream`, in clusters of `cluster` blocks along x (> 1 needs sm_90); `attr` is kept by
+ * the caller while cfg is in use. */
+static inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                                                       unsigned cluster, cudaLaunchAttribute *attr) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3((unsigned)threads, 1, 1);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    attr->id = cudaLaunchAttributeClusterDimension;
+    attr->val.clusterDim.x = cluster;
+    attr->val.clusterDim.y = 1;
+    attr->val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = cluster > 1 ? 1 : 0;
+    return cfg;
+}
+
 /* End of the generic small-M linears (a warp per column n and 8 tokens from m0): the
  * lanes' partial sums acc[8] are added across the warp; lane 0 stores y[m0 + m, n]. */
 template <typename T>

@@ -80,12 +80,7 @@ __device__ __forceinline__ void store_row8(int8_t *row, int64_t k, int64_t K, ui
 /* Scale of a group of 2^log2_g values (32-256) held 8 a lane by consecutive lanes:
  * amax / 127 over the group's lanes, the same in each. */
 __device__ __forceinline__ float lane_group_scale(const float v[8], int log2_g) {
-    uint32_t amax = 0;
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-        amax = max(amax, abs_bits(v[j]));
-    amax = warp_max_u32(amax, 1 << (log2_g - 3));
-    return __fdiv_rn(__uint_as_float(amax), (float)CQ_INT8_QMAX);
+    return __fdiv_rn(__uint_as_float(lane_group_amax(v, log2_g)), (float)CQ_INT8_QMAX);
 }
 
 /* ---------------------------------------------------------------- quantize, gn == 1 */

@@ -248,12 +248,7 @@ struct Quant4Op {
         }
     }
     __device__ __forceinline__ void operator()(int64_t i0, const float v[8], int lane, const float2 *table) const {
-        uint32_t amax = 0;
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-            amax = max(amax, abs_bits(v[j]));
-        amax = warp_max_u32(amax, 1 << (log2_group - 3));
-        const float a = __uint_as_float(amax);
+        const float a = __uint_as_float(lane_group_amax(v, log2_group));
         if ((i0 & ((int64_t(1) << log2_group) - 1)) == 0)
             absmax[i0 >> log2_group] = a;
         const float recip = a > 0.0f ? __fdiv_rn(1.0f, a) : 0.0f;

@@ -134,25 +134,6 @@ __device__ __forceinline__ void skinny_store(const float (&acc)[NT][4], float *p
     cluster_reduce_store<T>(part, R, S, bias, y, m0, mv, n0, N);
 }
 
-/* A launch of `grid` blocks of `threads` with `smem` bytes of dynamic shared memory on
- * `stream`, in clusters of `cluster` blocks along x (> 1 needs sm_90); `attr` is kept by
- * the caller while cfg is in use. */
-static inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                                                       unsigned cluster, cudaLaunchAttribute *attr) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3((unsigned)threads, 1, 1);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    attr->id = cudaLaunchAttributeClusterDimension;
-    attr->val.clusterDim.x = cluster;
-    attr->val.clusterDim.y = 1;
-    attr->val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = cluster > 1 ? 1 : 0;
-    return cfg;
-}
-
 /* Launches `kernel` on grid (S, gy, gz) with clusters of S blocks along x (S > 1
  * needs sm_90) and `smem` bytes of dynamic shared memory. */
 template <typename Kernel, typename... Args>
