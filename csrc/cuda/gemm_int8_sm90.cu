@@ -46,9 +46,8 @@ template <int BN, bool PROMOTE, bool NARROW> struct Sm90Cfg {
     static constexpr int A_BYTES = SM90_BM * SM90_BK;
     static constexpr int B_BYTES = BN * SM90_BK;
     /* a stage's scales (per-group scales): BN weight scales, then with per-group token
-     * scales the 128 rows' scales of the stage's K-group (at WS_COLS) */
-    static constexpr int WS_COLS = BN;
-    static constexpr int WS_FLOATS = PROMOTE ? WS_COLS + SM90_BM : 0;
+     * scales the 128 rows' scales of the stage's K-group (at BN) */
+    static constexpr int WS_FLOATS = PROMOTE ? BN + SM90_BM : 0;
     static constexpr int WS_BYTES = WS_FLOATS * 4;
     /* y staged as BN / 64 boxes of 128 rows x 128 bytes, 128-byte swizzle (the bulk tensor
      * store's layout; conflict-free for the accumulator layout's 4-byte stores) */
@@ -230,7 +229,7 @@ __global__ void __launch_bounds__(384, 1)
 gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__ CUtensorMap tmB,
                 const __grid_constant__ CUtensorMap tmY, const float *__restrict__ xs, const float *__restrict__ ws,
                 const T *__restrict__ bias, T *__restrict__ y, int64_t M, int64_t N, int64_t K, int64_t xs_groups,
-                int64_t gn, int64_t gk, int mt_eff, int ntiles, int y_bulk, int probe, TailSplit tail) {
+                int64_t gn, int64_t gk, int mt_eff, int y_bulk, int probe, TailSplit tail) {
 #ifdef CQ_SM90_DEVICE
     using Cfg = Sm90Cfg<BN, PROMOTE, NARROW>;
     constexpr int STG_BOXES = Cfg::STG_BOXES;
@@ -255,25 +254,28 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
     const int tid = threadIdx.x, wg = tid >> 7, warp = tid >> 5, lane = tid & 31;
     const uint32_t rank = MCAST ? blockIdx.x & 1u : 0u; /* cluster (2, 1, 1) */
     const int tile0 = (int)(blockIdx.y * gridDim.x + blockIdx.x), step = (int)(gridDim.x * gridDim.y);
-    /* tile -> its first row and column (M-tile fastest) */
-    auto origin = [&](int tile, int64_t &m0, int64_t &n0) {
-        m0 = (int64_t)(tile % mt_eff) * SM90_BM;
-        n0 = (int64_t)(tile / mt_eff) * BN;
-    };
     const int ktiles = (int)((K + SM90_BK - 1) / SM90_BK);
     const int64_t kb = (K + gk - 1) / gk;
-    /* work w -> its tile and K-tiles [kt0, kt1); item >= 0 for a K-split item of the tail */
+    /* work w -> its tile's first row and column (M-tile fastest) and K-tiles [kt0, kt1);
+     * item >= 0 for a K-split item of the tail */
+    struct Work {
+        int64_t m0, n0;
+        int kt0, kt1, item;
+    };
     const int nworks = tail.dp + tail.r * tail.s;
-    auto work = [&](int w, int &tile, int &kt0, int &kt1, int &item) {
-        if (w < tail.dp) {
-            tile = w, kt0 = 0, kt1 = ktiles, item = -1;
-        } else {
-            item = w - tail.dp;
-            const int part = item / tail.r;
-            tile = tail.dp + item % tail.r;
-            kt0 = part * ktiles / tail.s;
-            kt1 = (part + 1) * ktiles / tail.s;
+    auto work = [&](int w) {
+        Work k{0, 0, 0, ktiles, -1};
+        int tile = w;
+        if (w >= tail.dp) {
+            k.item = w - tail.dp;
+            const int part = k.item / tail.r;
+            tile = tail.dp + k.item % tail.r;
+            k.kt0 = part * ktiles / tail.s;
+            k.kt1 = (part + 1) * ktiles / tail.s;
         }
+        k.m0 = (int64_t)(tile % mt_eff) * SM90_BM;
+        k.n0 = (int64_t)(tile / mt_eff) * BN;
+        return k;
     };
 
     if (tid == 0) {
@@ -297,10 +299,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         if (warp == 0 && lane == 0) {
             int it = 0;
             for (int w = tile0; w < nworks; w += step) {
-                int tile, kt0, kt1, item;
-                work(w, tile, kt0, kt1, item);
-                int64_t m0, n0;
-                origin(tile, m0, n0);
+                const auto [m0, n0, kt0, kt1, item] = work(w);
                 for (int kt = kt0; kt < kt1; kt++, it++) {
                     const int s = it % STAGES;
                     mbar_wait(empty(s), ((uint32_t)(it / STAGES) & 1u) ^ 1u);
@@ -322,10 +321,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
             auto stage_scales = [&](auto &&per_work) {
                 int it = 0;
                 for (int w = tile0; w < nworks; w += step) {
-                    int tile, kt0, kt1, item;
-                    work(w, tile, kt0, kt1, item);
-                    int64_t m0, n0;
-                    origin(tile, m0, n0);
+                    const auto [m0, n0, kt0, kt1, item] = work(w);
                     auto fill = per_work(m0, n0);
                     /* K-group of tile kt, without a division a tile */
                     int64_t g = (int64_t)kt0 * SM90_BK / gk, k_next = (g + 1) * gk;
@@ -363,7 +359,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
 #pragma unroll
                         for (int i = 0; i < SM90_BM / 32; i++) { /* rows past M: 0 (never stored) */
                             const int r = lane + 32 * i;
-                            st[Cfg::WS_COLS + r] = r < rows ? __ldg(xt + g + r * (int)xs_groups) : 0.0f;
+                            st[BN + r] = r < rows ? __ldg(xt + g + r * (int)xs_groups) : 0.0f;
                         }
                     };
                 });
@@ -372,10 +368,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
             int lt = 0;
             for (int w = tile0; w < nworks; w += step, lt++) {
                 const int b = lt & 1;
-                int tile, kt0, kt1, item;
-                work(w, tile, kt0, kt1, item);
-                int64_t m0, n0;
-                origin(tile, m0, n0);
+                const auto [m0, n0, kt0, kt1, item] = work(w);
                 mbar_wait(epi_empty(b), ((uint32_t)(lt >> 1) & 1u) ^ 1u);
                 float *e = epi + b * EPI_FLOATS;
                 for (int c = lane; c < BN; c += 32) {
@@ -419,10 +412,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         const bool storer = tid == 128; /* issues the bulk stores of y and waits for them */
         int it = 0, lt = 0;
         for (int w = tile0; w < nworks; w += step, lt++) {
-            int tile, kt0, kt1, item;
-            work(w, tile, kt0, kt1, item);
-            int64_t m0, n0;
-            origin(tile, m0, n0);
+            const auto [m0, n0, kt0, kt1, item] = work(w);
             if constexpr (!PROMOTE) {
                 int s = 0;
                 for (int kt = kt0; kt < kt1; kt++, it++) {
@@ -456,7 +446,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                 const int wsplit = two_blocks ? (int)(gn - n0 % gn) : BN;
                 auto promote_split = [&](auto split_c, const float *wst) {
                     constexpr int SPLIT = decltype(split_c)::value; /* columns in the first block */
-                    const float xg0 = wst[Cfg::WS_COLS + r0], xg1 = wst[Cfg::WS_COLS + r0 + 8];
+                    const float xg0 = wst[BN + r0], xg1 = wst[BN + r0 + 8];
                     const float wa = wst[0], wb = wst[SPLIT < BN ? SPLIT : BN - 1];
                     const float sa0 = xg0 * wa, sa1 = xg1 * wa, sb0 = xg0 * wb, sb1 = xg1 * wb;
 #pragma unroll
@@ -490,8 +480,8 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                         else
                             promote_split(std::integral_constant<int, BN>(), wst);
                     } else if (last && probe != 1) {
-                        const float xg0 = XS_GROUPED ? wst[Cfg::WS_COLS + r0] : 1.0f;
-                        const float xg1 = XS_GROUPED ? wst[Cfg::WS_COLS + r0 + 8] : 1.0f;
+                        const float xg0 = XS_GROUPED ? wst[BN + r0] : 1.0f;
+                        const float xg1 = XS_GROUPED ? wst[BN + r0 + 8] : 1.0f;
 #pragma unroll
                         for (int i = 0; i < BN / 8; i++) {
                             const float2 w2 = *reinterpret_cast<const float2 *>(wst + 8 * i + 2 * t);
@@ -759,21 +749,12 @@ static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
     }
     if (knob(KNOB_GEMM_TAIL) == 2 && tail.s == 0)
         return CQ_EUNSUPPORTED; /* the split was required (tests) but does not apply */
-    cudaLaunchConfig_t cfg = {};
-    /* multicast: a CTA a tile; else one persistent CTA an SM */
-    cfg.gridDim = MCAST ? dim3(mt_eff, nt, 1) : dim3((unsigned)grid, 1, 1);
-    cfg.blockDim = dim3(384, 1, 1);
-    cfg.dynamicSmemBytes = Cfg::SMEM;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 2;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = MCAST ? 1 : 0;
+    /* multicast: a CTA a tile, in pairs; else one persistent CTA an SM */
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_launch_config(MCAST ? dim3(mt_eff, nt, 1) : dim3((unsigned)grid, 1, 1),
+                                                         384, Cfg::SMEM, stream, MCAST ? 2 : 1, &attr);
     CQ_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, ma, mb, my, a.xs, a.ws, a.bias, a.y, a.M, a.N, a.K, a.xs_groups,
-                                   a.gn, a.gk, (int)mt_eff, ntiles, y_bulk, knob(KNOB_GEMM_PROBE), tail),
+                                   a.gn, a.gk, (int)mt_eff, y_bulk, knob(KNOB_GEMM_PROBE), tail),
                 "gemm_int8 (sm90)");
     return check_launch("gemm_int8 (sm90)");
 }
