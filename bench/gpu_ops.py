@@ -227,8 +227,8 @@ def _quant4_kernel_only(x, cb):
     n = x.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(math.ceil(n / 64), dtype=torch.float32, device=x.device)
-    ops._C.quantize_4bit(x.data_ptr(), L.DTYPE_CODES[x.dtype], packed.data_ptr(), absmax.data_ptr(), n, 64,
-                         L.CODEBOOK_CODES[cb], 1, torch.cuda.current_stream().cuda_stream, 1)
+    ops._native(ops._C.quantize_4bit, x, x.data_ptr(), L.DTYPE_CODES[x.dtype], packed.data_ptr(), absmax.data_ptr(),
+                n, 64, L.CODEBOOK_CODES[cb])
     return packed
 
 
@@ -313,9 +313,9 @@ def gemm_alone(xq, xs, s, N: int, gn: int, gk: int):
     def gemm(qi):
         y = torch.empty(M, N, dtype=torch.bfloat16, device=DEV)
         work = ops.gemm_int8_workspace(y.device, M)
-        ops._C.gemm_int8(xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
-                         L.DTYPE_CODES[torch.bfloat16], M, N, K, xs.shape[1], gn, gk, 1,
-                         torch.cuda.current_stream().cuda_stream, 1, *ops.gemm_int8_workspace_args(work))
+        ops._native(ops._C.gemm_int8, y, xq.data_ptr(), xs.data_ptr(), qi.data_ptr(), s.data_ptr(), 0, y.data_ptr(),
+                    L.DTYPE_CODES[torch.bfloat16], M, N, K, xs.shape[1], gn, gk,
+                    optional=ops.gemm_int8_workspace_args(work))
         return y
 
     return gemm

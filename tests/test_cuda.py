@@ -502,6 +502,24 @@ def tail_split_parts(M: int, N: int, K: int, sms: int, BN: int = 256) -> int:
     return s if r and s >= 2 else 0
 
 
+def tail_split_case(M: int, N: int, K: int, layout: str, group, BN: int):
+    """Skips where the sm90 kernel takes no K split of M x N x K on this card; else a
+    random case (CPU: x, q, s, bias; on the device: xd, qd, sd, bd) and the kernel's
+    result without the split (knob gemm_tail = 1)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma kernel: sm_90 only")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if not tail_split_parts(M, N, K, sms, BN):
+        pytest.skip(f"no K split for {M} x {N} x {K} on {sms} SMs")
+    q, s = reference.quantize_int8(weight(N, K), layout, group)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    bias = torch.randn(N, dtype=torch.bfloat16)
+    dev = tuple(t.to(DEV) for t in (x, q, s, bias))
+    with variant("gemm_int8", GEMM_PATHS["sm90"]), variant("gemm_tail", 1):
+        unsplit = ops.linear_int8(dev[0], dev[1], dev[2], layout, group, dev[3])
+    return (x, q, s, bias), dev, unsplit
+
+
 @pytest.mark.parametrize("M,N,K", [(2100, 2304, 2048), (2100, 2300, 2048), (4608, 3072, 3072), (1000, 4400, 4096),
                                    (256, 3072, 3072), (300, 1004, 3072)])
 def test_w8a8_wgmma_tail_split(M, N, K):
@@ -511,18 +529,7 @@ def test_w8a8_wgmma_tail_split(M, N, K):
     bits as without the split. On 132 SMs: 153 tiles (21 in the tail, 2 parts of 8
     K-tiles), the same with N % 8 != 0 (y by the consumers), 432 (36, 3 parts), 144 (12,
     4 parts) with partial tiles in M and N; one round: 24 tiles in 3 parts, 12 in 3."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("wgmma kernel: sm_90 only")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    if not tail_split_parts(M, N, K, sms):
-        pytest.skip(f"no K split for {M} x {N} x {K} on {sms} SMs")
-    w = weight(N, K)
-    q, s = reference.quantize_int8(w, "int8_row", None)
-    x = torch.randn(M, K, dtype=torch.bfloat16)
-    bias = torch.randn(N, dtype=torch.bfloat16)
-    qd, sd, xd, bd = q.to(DEV), s.to(DEV), x.to(DEV), bias.to(DEV)
-    with variant("gemm_int8", GEMM_PATHS["sm90"]), variant("gemm_tail", 1):
-        ref = ops.linear_int8(xd, qd, sd, "int8_row", None, bd)
+    (x, q, s, bias), (xd, qd, sd, bd), ref = tail_split_case(M, N, K, "int8_row", None, BN=256)
     poison()
     with variant("gemm_int8", GEMM_PATHS["sm90"]), variant("gemm_tail", 2):
         y = ops.linear_int8(xd, qd, sd, "int8_row", None, bd)
@@ -544,18 +551,7 @@ def test_w8a8_wgmma_tail_split_promoted(layout, group, M, N, K):
     parts; one round of 12 tiles in 2 parts of 10 K-tiles, which cut a group of 512 (4
     K-tiles; a part's share of a group takes the group's scale). Equal to the unsplit
     kernel up to float32 rounding before the bf16 output, the same bits on a second call."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("wgmma kernel: sm_90 only")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    if not tail_split_parts(M, N, K, sms, BN=192):
-        pytest.skip(f"no K split for {M} x {N} x {K} on {sms} SMs")
-    w = weight(N, K)
-    q, s = reference.quantize_int8(w, layout, group)
-    x = torch.randn(M, K, dtype=torch.bfloat16)
-    bias = torch.randn(N, dtype=torch.bfloat16)
-    qd, sd, xd, bd = q.to(DEV), s.to(DEV), x.to(DEV), bias.to(DEV)
-    with variant("gemm_int8", GEMM_PATHS["sm90"]), variant("gemm_tail", 1):
-        ref = ops.linear_int8(xd, qd, sd, layout, group, bd)
+    (x, q, s, bias), (xd, qd, sd, bd), ref = tail_split_case(M, N, K, layout, group, BN=192)
     poison()
     with variant("gemm_int8", GEMM_PATHS["sm90"]), variant("gemm_tail", 2):
         y = ops.linear_int8(xd, qd, sd, layout, group, bd)
