@@ -10,6 +10,7 @@ Rows per (K, N, layout), ms and ratio to bf16 F.linear on fresh weights:
   gemm cold   the GEMM alone on ready xq / xs, weights rotated past L2
   gemm warm   the GEMM alone on one weight reused every call
   gemm cold, knobs   with --alt knob=value: the GEMM alone with those kernel knobs (A/B)
+  op, knobs   with --alt: the op with those knobs
   op - parts  op minus (act quant + gemm cold): what the sum does not explain
 --ksweep: the GEMM alone (int8_row) at M x N for K from 128 up, to split its time into
 a per-tile fixed part and a per-K-step part (time = rounds x (fixed + K/128 x step)).
@@ -36,10 +37,10 @@ from gpu_ops import (DEV, SHAPES, gemm_alone, kernel_variants, rotated_copies, t
 GROUPS = {"int8_row": None, "int8_lode": 128, "int8_block": 128}
 
 
-def alt_gemm(knobs: dict, gemm, qi):
-    """gemm(qi) under the --alt kernel knobs (read when the launch is captured)."""
+def with_knobs(knobs: dict, fn, *args):
+    """fn(*args) under the --alt kernel knobs (read when the launch is captured)."""
     with kernel_variants(**knobs):
-        return gemm(qi)
+        return fn(*args)
 
 
 def main() -> None:
@@ -50,7 +51,8 @@ def main() -> None:
     ap.add_argument("--shape", help="K,N: only this shape (default: gpu_ops.SHAPES)")
     ap.add_argument("--ksweep", type=int, default=0, help="N for a K sweep of the int8_row GEMM")
     ap.add_argument("--alt", action="append", default=[],
-                    help="knob=value (ops.CUDA_KNOBS), repeatable: one more column, the GEMM alone with them")
+                    help="knob=value (ops.CUDA_KNOBS), repeatable: two more columns, the GEMM alone and the op "
+                         "with them")
     args = ap.parse_args()
     M, reps = args.M, args.reps
     if args.ksweep:
@@ -58,9 +60,9 @@ def main() -> None:
         return
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {M}")
     alt = dict((k, int(v)) for k, _, v in (item.partition("=") for item in args.alt))
-    alt_col = f" gemm cold, {', '.join(args.alt)} |" if alt else ""
+    alt_col = f" gemm cold, {', '.join(args.alt)} | op, {', '.join(args.alt)} |" if alt else ""
     print(f"| K, N | layout | bf16 | op | act quant | gemm cold | gemm warm |{alt_col} op - parts | gemm cold TOPS |")
-    print("|---|---|---|---|---|---|---|" + "---|" * (3 if alt else 2))
+    print("|---|---|---|---|---|---|---|" + "---|" * (4 if alt else 2))
     shapes = [tuple(int(v) for v in args.shape.split(","))] if args.shape else SHAPES
     for K, N in shapes:
         w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
@@ -82,7 +84,9 @@ def main() -> None:
                       (lambda i, gemm=gemm, qs=qs: gemm(qs[i]), len(qs)),
                       (lambda i, gemm=gemm, qs=qs: gemm(qs[0]), 1)]
             if alt:
-                calls.append((lambda i, gemm=gemm, qs=qs: alt_gemm(alt, gemm, qs[i]), len(qs)))
+                calls += [(lambda i, gemm=gemm, qs=qs: with_knobs(alt, gemm, qs[i]), len(qs)),
+                          (lambda i, qs=qs, s=s, lay=lay, g=g: with_knobs(alt, ops.linear_int8, x, qs[i], s, lay, g),
+                           len(qs))]
         # in turns: the card's clock falls as it heats (gpu_ops.time_graphs_interleaved)
         times = time_graphs_interleaved(calls, reps)
         t_bf16 = times[0]
@@ -90,11 +94,11 @@ def main() -> None:
         def c(t):
             return f"{t:.4f} ({t / t_bf16:.2f}x)"
 
-        per = 5 if alt else 4
+        per = 6 if alt else 4
         for j, lay in enumerate(lays):
             t_op, t_aq, t_cold, t_warm = times[1 + per * j: 5 + per * j]
             tops = 2 * M * N * K / (t_cold * 1e-3) / 1e12
-            extra = f" {c(times[5 + per * j])} |" if alt else ""
+            extra = f" {c(times[5 + per * j])} | {c(times[6 + per * j])} |" if alt else ""
             print(f"| {K}, {N} | {lay} | {t_bf16:.4f} | {c(t_op)} | {c(t_aq)} | {c(t_cold)} | {c(t_warm)} |{extra}"
                   f" {t_op - t_aq - t_cold:+.4f} | {tops:.0f} |", flush=True)
         del calls, ws_bf16, w, x

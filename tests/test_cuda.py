@@ -679,6 +679,72 @@ def test_cuda_graph_capture_replays():
     assert not torch.equal(outs[0], eager[0])
 
 
+@pytest.mark.parametrize("layout,M,K,N", [("nf4", 1, 3072, 3072), ("nf4", 16, 3072, 1000), ("nf4", 2, 12288, 520),
+                                           ("int8_row", 1, 3072, 1000), ("int8_lode", 16, 1024, 520),
+                                           ("int8_block", 300, 1024, 776), ("int8_row", 2100, 2048, 2304)],
+                         ids=str)
+def test_early_launch_reads_what_the_kernel_before_wrote(layout, M, K, N):
+    """Kernels launched early (PDL, sm_90: the skinny W8A8 GEMM and the wgmma one with row
+    scales, after our activation quantize; the streamed 4-bit linear with knob pdl = 2)
+    start while the stream's previous kernel
+    still runs; they must still see everything it writes. Each call's tokens and weights
+    are written by the copy kernels just before it (eagerly and in a replayed graph, where
+    the calls follow one another with no gap); every output must be bit for bit the one
+    of its own inputs computed alone, with PDL and without (knob pdl = 1). The last case
+    takes the W8A8 K split, whose workspace flags a memset zeroes between the two kernels."""
+    group = 64 if layout == "nf4" else 128
+    pdl_on = 2 if layout == "nf4" else 0
+    ws = [weight(N, K).to(DEV) for _ in range(2)]
+    if layout == "nf4":
+        quants = [ops.quantize_4bit(w, "nf4", group) for w in ws]
+    else:
+        quants = [ops.quantize_int8(w, layout, None if layout == "int8_row" else group) for w in ws]
+
+    def op(x, wq, sc):
+        if layout == "nf4":
+            return ops.linear_4bit(x, wq, sc, "nf4", group, (N, K))
+        return ops.linear_int8(x, wq, sc, layout, None if layout == "int8_row" else group)
+
+    xs = [torch.randn(M, K, dtype=torch.bfloat16, device=DEV) for _ in range(3)]
+    wq, sc = torch.empty_like(quants[0][0]), torch.empty_like(quants[0][1])
+    x = torch.empty_like(xs[0])
+    alone = {}
+    with variant("pdl", 1):
+        for i in range(6):
+            alone[i] = op(xs[i % 3], *quants[i % 2])
+            torch.cuda.synchronize()
+
+    def run():
+        outs = []
+        for i in range(6):
+            x.copy_(xs[i % 3])
+            wq.copy_(quants[i % 2][0])
+            sc.copy_(quants[i % 2][1])
+            outs.append(op(x, wq, sc))
+        return outs
+
+    for pdl in (pdl_on, 1):
+        with variant("pdl", pdl):
+            for outs in (run(), run()):
+                for i, y in enumerate(outs):
+                    assert torch.equal(y, alone[i]), (pdl, i)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                outs = run()
+        for _ in range(3):
+            for y in outs:
+                y.fill_(float("nan"))
+            g.replay()
+            torch.cuda.synchronize()
+            for i, y in enumerate(outs):
+                assert torch.equal(y, alone[i]), ("graph", pdl, i)
+
+
 # ----------------------------------------------------------------------------- devices
 def test_ops_refuse_tensors_on_cpu_and_cuda_mixed():
     packed, absmax = reference.quantize_4bit(weight(8, 64), "nf4", 64)

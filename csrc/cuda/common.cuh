@@ -64,7 +64,10 @@ enum Knob {
     KNOB_GEMM_PROBE = 8, /* benchmark probe, wrong results: sm90 W8A8 with per-group scales, 1 = no promotion */
     KNOB_GEMM_TAIL = 9,  /* sm90 W8A8, one K-group, K split of the last round's tiles: 1 = off, 2 = required (else refused) */
     KNOB_GEMM_STAGES = 10,/* sm90 W8A8, one K-group: 3 = 3 stages and the whole tile of y staged, 4 = 4 stages and one 64-column box (default: 4 where K >= 8192) */
-    KNOB_COUNT = 11
+    KNOB_PDL = 11,       /* programmatic dependent launch (sm_90) of the W8A8 GEMMs (skinny; wgmma with row
+                            scales) after our activation quantize: 1 = off, 2 = also the streamed 4-bit
+                            linear (benchmark) */
+    KNOB_COUNT = 12
 };
 CQ_HIDDEN int knob(int which);
 
@@ -154,21 +157,48 @@ __device__ __forceinline__ uint32_t lane_group_amax(const float v[8], int log2_g
 
 /* A launch of `grid` blocks of `threads` with `smem` bytes of dynamic shared memory on
  * `stream`, in clusters of `cluster` blocks along x (> 1 needs sm_90); `attr` is kept by
- * the caller while cfg is in use. */
+ * the caller while cfg is in use. early: programmatic dependent launch (sm_90; the
+ * kernel calls pdl_wait before it touches global memory), unless knob pdl = 1. */
 static inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                                                       unsigned cluster, cudaLaunchAttribute *attr) {
+                                                       unsigned cluster, cudaLaunchAttribute (&attr)[2],
+                                                       bool early = false) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3((unsigned)threads, 1, 1);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
-    attr->id = cudaLaunchAttributeClusterDimension;
-    attr->val.clusterDim.x = cluster;
-    attr->val.clusterDim.y = 1;
-    attr->val.clusterDim.z = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = cluster > 1 ? 1 : 0;
+    if (cluster > 1) {
+        attr[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
+        attr[cfg.numAttrs].val.clusterDim.x = cluster;
+        attr[cfg.numAttrs].val.clusterDim.y = 1;
+        attr[cfg.numAttrs].val.clusterDim.z = 1;
+        cfg.numAttrs++;
+    }
+    if (early && knob(KNOB_PDL) != 1) {
+        attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[cfg.numAttrs].val.programmaticStreamSerializationAllowed = 1;
+        cfg.numAttrs++;
+    }
     return cfg;
+}
+
+/* Programmatic dependent launch (sm_90). A grid launched `early` may start while the
+ * stream's previous kernel still runs: pdl_wait() returns once that kernel has finished
+ * and its writes are visible, so every thread calls it before its first global-memory
+ * access (an L2 prefetch changes no value and may come before). pdl_release() lets the
+ * stream's next early kernel start its blocks as ours leave the SMs; its pdl_wait still
+ * waits for the whole of this grid. Both are no-ops in a grid launched without the
+ * attribute, and compile to nothing below sm_90. */
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }
 
 /* End of the generic small-M linears (a warp per column n and 8 tokens from m0): the

@@ -80,6 +80,9 @@ gemm_int8_skinny(const int8_t *__restrict__ xq, const float *__restrict__ xs, co
     const int mv = M - m0 < 16 ? (int)(M - m0) : 16;
     const int64_t kslice = K / S, k_begin = blockIdx.x * kslice, k_end = k_begin + kslice;
     const int64_t kb = (K + gk - 1) / gk;
+    /* launched early after the activation quantize (PDL): its xq, xs, and y's memory, are
+     * ready only after the wait */
+    pdl_wait();
 
     const int8_t *wp[NT];
     const float *wsc[NT][2];
@@ -175,11 +178,12 @@ static int run_skinny_int8(const DeviceInfo &dev, const GemmInt8Args<T> &a, cuda
     while (S > 1 && a.gk < a.K && (a.K / S) % a.gk != 0)
         S--;
     const int M = (int)(a.M < INT32_MAX ? a.M : INT32_MAX);
+    const bool early = dev.cc >= 90; /* after the activation quantize (PDL) */
     if (a.M <= 8)
-        return launch_clustered(gemm_int8_skinny<T, NT, BYTES, 1>, S, gy, gz, 128, stream, "gemm_int8 (skinny)", a.xq,
-                                a.xs, a.wq, a.ws, a.bias, a.y, M, a.N, a.K, (int)a.xs_groups, a.gn, a.gk, S);
-    return launch_clustered(gemm_int8_skinny<T, NT, BYTES, 2>, S, gy, gz, 128, stream, "gemm_int8 (skinny)", a.xq,
-                            a.xs, a.wq, a.ws, a.bias, a.y, M, a.N, a.K, (int)a.xs_groups, a.gn, a.gk, S);
+        return launch_clustered(gemm_int8_skinny<T, NT, BYTES, 1>, S, gy, gz, 128, early, stream, "gemm_int8 (skinny)",
+                                a.xq, a.xs, a.wq, a.ws, a.bias, a.y, M, a.N, a.K, (int)a.xs_groups, a.gn, a.gk, S);
+    return launch_clustered(gemm_int8_skinny<T, NT, BYTES, 2>, S, gy, gz, 128, early, stream, "gemm_int8 (skinny)",
+                            a.xq, a.xs, a.wq, a.ws, a.bias, a.y, M, a.N, a.K, (int)a.xs_groups, a.gn, a.gk, S);
 }
 
 /* ---------------------------------------------------------------- sm_80 tiled */

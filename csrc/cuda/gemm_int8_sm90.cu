@@ -293,6 +293,9 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         cluster_sync_all();
     else
         __syncthreads();
+    /* launched early after the activation quantize (PDL): until here the previous kernel may
+     * still run; xq, xs, the workspace and y's memory are its, or ready, after the wait */
+    pdl_wait();
 
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -749,10 +752,13 @@ static int run_wgmma(const GemmInt8Args<T> &a, int sms, cudaStream_t stream) {
     }
     if (knob(KNOB_GEMM_TAIL) == 2 && tail.s == 0)
         return CQ_EUNSUPPORTED; /* the split was required (tests) but does not apply */
+    /* early (PDL) after the activation quantize where the scales are per row: the op 2-7%
+     * faster at M = 4608 (runs 76-78). With per-group scales (PROMOTE) the same launch made
+     * the GEMM alone and the op 1-6% slower in the same runs, for a reason not found. */
     /* multicast: a CTA a tile, in pairs; else one persistent CTA an SM */
-    cudaLaunchAttribute attr;
+    cudaLaunchAttribute attr[2];
     const cudaLaunchConfig_t cfg = cluster_launch_config(MCAST ? dim3(mt_eff, nt, 1) : dim3((unsigned)grid, 1, 1),
-                                                         384, Cfg::SMEM, stream, MCAST ? 2 : 1, &attr);
+                                                         384, Cfg::SMEM, stream, MCAST ? 2 : 1, attr, !PROMOTE);
     CQ_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, ma, mb, my, a.xs, a.ws, a.bias, a.y, a.M, a.N, a.K, a.xs_groups,
                                    a.gn, a.gk, (int)mt_eff, y_bulk, knob(KNOB_GEMM_PROBE), tail),
                 "gemm_int8 (sm90)");

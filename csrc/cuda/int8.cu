@@ -90,6 +90,7 @@ template <typename T, bool VEC>
 __global__ void __launch_bounds__(256)
 quant_int8_spans(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N, int64_t K,
                  int log2_gk) {
+    pdl_release(); /* a W8A8 GEMM launched early after it may take the SMs it leaves */
     const int64_t spans = (K + 255) / 256;
     const int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -150,6 +151,7 @@ template <typename T, int P>
 __global__ void __launch_bounds__(256)
 quant_int8_rowraw(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N,
                   int64_t K, int64_t gk) {
+    pdl_release(); /* a W8A8 GEMM launched early after it may take the SMs it leaves */
     __shared__ uint32_t warp_amax[8];
     const int64_t kb = (K + gk - 1) / gk;
     const int64_t n = blockIdx.y, g = blockIdx.x;
@@ -201,6 +203,7 @@ template <typename T, bool VEC, int P>
 __global__ void __launch_bounds__(256)
 quant_int8_rowblock(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N,
                     int64_t K, int64_t gk) {
+    pdl_release(); /* a W8A8 GEMM launched early after it may take the SMs it leaves */
     __shared__ uint32_t warp_amax[8];
     const int64_t kb = (K + gk - 1) / gk;
     const int64_t n = blockIdx.y, g = blockIdx.x;
@@ -235,6 +238,7 @@ template <typename T, bool VEC>
 __global__ void __launch_bounds__(256)
 quant_int8_wide(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N, int64_t K,
                 int64_t gk) {
+    pdl_release(); /* a W8A8 GEMM launched early after it may take the SMs it leaves */
     const int64_t kb = (K + gk - 1) / gk;
     const int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -273,6 +277,7 @@ template <typename T, int P>
 __global__ void __launch_bounds__(256, 4) /* 4 blocks an SM: at most 64 registers */
 quant_int8_tileraw(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N,
                    int64_t K, int64_t gn, int64_t gk) {
+    pdl_release(); /* a W8A8 GEMM launched early after it may take the SMs it leaves */
     __shared__ uint32_t warp_amax[8];
     const int64_t kb = (K + gk - 1) / gk;
     const int64_t tile_n = blockIdx.y, tile_k = blockIdx.x;
@@ -321,6 +326,7 @@ template <typename T, bool VEC>
 __global__ void __launch_bounds__(256)
 quant_int8_tiles(const T *__restrict__ x, int8_t *__restrict__ q, float *__restrict__ scale, int64_t N, int64_t K,
                  int64_t gn, int64_t gk) {
+    pdl_release(); /* a W8A8 GEMM launched early after it may take the SMs it leaves */
     __shared__ uint32_t warp_amax[8];
     const int64_t kb = (K + gk - 1) / gk;
     const int64_t tile_n = blockIdx.y, tile_k = blockIdx.x;

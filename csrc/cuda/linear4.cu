@@ -303,7 +303,7 @@ static int run_staged_mh(const DeviceInfo &dev, const T *x, const uint8_t *packe
     if (st)
         return st;
     /* the kernel reads M only through min(M - m0, 16) */
-    return launch_clustered_smem(kernel, S, gy, gz, 128, (size_t)SH::SMEM, stream, "linear_4bit (staged)", x,
+    return launch_clustered_smem(kernel, S, gy, gz, 128, (size_t)SH::SMEM, false, stream, "linear_4bit (staged)", x,
                                  packed, absmax, bias, y, (int)(M < INT32_MAX ? M : INT32_MAX), N, K, lg, codebook,
                                  S, knob(KNOB_SKINNY_PROBE));
 }
@@ -449,7 +449,12 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     }
     __syncthreads();
 
+    /* launched early (knob pdl = 2): the previous kernel may still run until pdl_wait; until
+     * then only shared memory and constants (an L2 prefetch of the first stages before the
+     * wait made every shape slower: 3072^2 at M = 1 5.9 -> 7.3 us, run 75) */
     if (warp == CW) { /* the producer: lanes 0-15 copy weight rows, lanes 16-31 absmax rows */
+        pdl_wait();
+        pdl_release();
         if constexpr (!XREG) {
             if (lane == 0)
                 mbar_expect_tx(xbar, M * (int)K * 2);
@@ -504,6 +509,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
         reinterpret_cast<uint4 *>(smem + 256 + b * 256)[i & 7] = make_uint4(v, v, v, v);
     }
     consumers_sync();
+    pdl_wait();
+    pdl_release();
 
     /* lane (r, t): weight rows r and r + 8 of the tile (A), tokens r + 8 nt (B; zero past
      * M); its C fragments: rows r and r + 8, tokens 8 nt + 2t and 8 nt + 2t + 1 */
@@ -723,9 +730,9 @@ static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *
                                     "linear_4bit (streamed smem)");
     if (st)
         return st;
-    cudaLaunchAttribute attr;
+    cudaLaunchAttribute attr[2];
     cudaLaunchConfig_t cfg = cluster_launch_config(dim3((unsigned)(groups * KS), 1, 1), 32 * (CW + 1), (size_t)smem,
-                                                   stream, (unsigned)KS, &attr);
+                                                   stream, (unsigned)KS, attr, knob(KNOB_PDL) == 2);
     if (KS > 1) { /* only as many clusters as are resident at once: a second wave would double the time */
         int active = 0;
         CQ_CUDA_TRY(cudaOccupancyMaxActiveClusters(&active, kernel, &cfg), "linear_4bit (streamed clusters)");

@@ -23,6 +23,7 @@ constexpr int STREAM_DEPTH = 3;
 template <typename T, typename Op>
 __global__ void __launch_bounds__(256)
 quant_stream_kernel(const T *__restrict__ x, int64_t items, Op op) {
+    pdl_release(); /* a W8A8 GEMM launched early after it may take the SMs it leaves */
     __shared__ float2 table[256];
     op.setup(table);
     __syncthreads();

@@ -135,13 +135,14 @@ __device__ __forceinline__ void skinny_store(const float (&acc)[NT][4], float *p
 }
 
 /* Launches `kernel` on grid (S, gy, gz) with clusters of S blocks along x (S > 1
- * needs sm_90) and `smem` bytes of dynamic shared memory. */
+ * needs sm_90) and `smem` bytes of dynamic shared memory; early: programmatic dependent
+ * launch (cluster_launch_config). */
 template <typename Kernel, typename... Args>
-static int launch_clustered_smem(Kernel kernel, int S, unsigned gy, unsigned gz, int threads, size_t smem,
+static int launch_clustered_smem(Kernel kernel, int S, unsigned gy, unsigned gz, int threads, size_t smem, bool early,
                                  cudaStream_t stream, const char *where, Args... args) {
-    cudaLaunchAttribute attr;
+    cudaLaunchAttribute attr[2];
     const cudaLaunchConfig_t cfg = cluster_launch_config(dim3((unsigned)S, gy, gz), threads, smem, stream,
-                                                         (unsigned)S, &attr);
+                                                         (unsigned)S, attr, early);
     cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
     if (err != cudaSuccess) {
         set_error(where, err);
@@ -151,9 +152,9 @@ static int launch_clustered_smem(Kernel kernel, int S, unsigned gy, unsigned gz,
 }
 
 template <typename Kernel, typename... Args>
-static int launch_clustered(Kernel kernel, int S, unsigned gy, unsigned gz, int threads, cudaStream_t stream,
-                            const char *where, Args... args) {
-    return launch_clustered_smem(kernel, S, gy, gz, threads, 0, stream, where, args...);
+static int launch_clustered(Kernel kernel, int S, unsigned gy, unsigned gz, int threads, bool early,
+                            cudaStream_t stream, const char *where, Args... args) {
+    return launch_clustered_smem(kernel, S, gy, gz, threads, 0, early, stream, where, args...);
 }
 
 /* Split of K over a cluster: about 4 blocks per SM in all, at most 8 blocks a

@@ -1,0 +1,126 @@
+"""What a small linear costs beside its bytes, on the GPU: the 4-bit streamed kernel
+(1-16 tokens) under kernel knobs, by default with and without programmatic dependent
+launch (PDL), against bf16 F.linear (cuBLAS), timed in turns in one run
+(bench/gpu_ops.py's graphs: 50 calls a graph, the weights rotated so that every call
+reads DRAM).
+
+    python3 bench/skinny_launch.py [--tokens 1,16] [--variants "pdl=2;pdl=1"]
+
+--variants: a column each, knobs (ops.CUDA_KNOBS) as k=v[,k=v], ';' between columns
+(knob pdl: 2 launches the 4-bit kernel early and releases the next early; 1 off, which
+is the default for this kernel: see docs/CUDA_NOTES.md, runs 73-75).
+
+Two ways a call can follow another:
+  back to back   the graph holds the op 50 times (gpu_ops.py's table): with PDL a call's
+                 blocks start as the previous call's blocks leave the SMs
+  after x's op   each call's input is written just before it by a torch kernel
+                 (torch.mul(x0, 1, out=x)), as in a model, where the kernel before a
+                 linear is torch's and never releases its dependents early: the column
+                 is (mul + op) - mul alone
+The first rows are the smallest calls (one 8-row octet, then one octet an SM): their
+time is the fixed cost of a call in this timing, the part no byte count explains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_quant_native import ops, reference  # noqa: E402
+from gpu_ops import GraphTimer, copies_for, copy_bandwidth, kernel_variants  # noqa: E402
+
+DEV = "cuda"
+REPS = 50
+
+
+def timers_in_turns(entries, rounds: int = 5, replays: int = 3) -> list[float]:
+    """entries: (fn, n_copies, knobs); each captured under its knobs (launches read them
+    when captured), then all replayed in turns. Median us a call."""
+    timers = []
+    for fn, n, knobs in entries:
+        with kernel_variants(**knobs):
+            timers.append(GraphTimer(fn, n, REPS))
+    out: list[list[float]] = [[] for _ in entries]
+    for _ in range(rounds):
+        for t, o in zip(timers, out):
+            o += t.replay(replays)
+    return [1e3 * statistics.median(o) for o in out]
+
+
+def case(M: int, K: int, N: int, variants: list[dict]) -> tuple[list[float], list[float], float]:
+    """(bf16 and ours under each variant back to back), (the same after x's op), mul alone; us"""
+    torch.manual_seed(0)
+    w = torch.randn(N, K, dtype=torch.bfloat16, device=DEV) * 0.02
+    packed, absmax = ops.quantize_4bit(w, "nf4", 64)
+    C = copies_for(packed.numel() + 4 * absmax.numel())
+    ps = [packed.clone() for _ in range(C)]
+    ws = [w.clone() for _ in range(copies_for(w.numel() * 2))]
+    x0 = torch.randn(M, K, dtype=torch.bfloat16, device=DEV)
+    x = x0.clone()
+    want = reference.linear_4bit(x.cpu().float(), packed.cpu(), absmax.cpu(), "nf4", 64, N, K).float()
+    got = ops.linear_4bit(x, packed, absmax, "nf4", 64, (N, K)).float().cpu()
+    err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+    assert err < 1e-2, f"linear_4bit {M}x{K}->{N}: relative error {err:.2e}"
+
+    def ours(i):
+        return ops.linear_4bit(x, ps[i], absmax, "nf4", 64, (N, K))
+
+    def produce(i):
+        return torch.mul(x0, 1.0, out=x)
+
+    def produced_ours(i):
+        produce(i)
+        return ours(i)
+
+    def bf16(i):
+        return F.linear(x, ws[i % len(ws)])
+
+    def produced_bf16(i):
+        produce(i)
+        return bf16(i)
+
+    entries = [(bf16, len(ws), {})] + [(ours, C, v) for v in variants] + [(produce, 1, {})]
+    entries += [(produced_bf16, len(ws), {})] + [(produced_ours, C, v) for v in variants]
+    t = timers_in_turns(entries)
+    n = 1 + len(variants)
+    mul = t[n]
+    return t[:n], [v - mul for v in t[n + 1:]], mul
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="1,16")
+    ap.add_argument("--variants", default="pdl=2;pdl=1")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or ops.list_backends()["cuda"] is not None:
+        print("needs a GPU and the CUDA kernels:", ops.list_backends()["cuda"])
+        return 1
+    bw = copy_bandwidth()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, copy {bw / 1e3:.2f} TB/s")
+    variants = [dict((k.strip(), int(v)) for k, _, v in (kv.partition("=") for kv in col.split(",")))
+                for col in args.variants.split(";")]
+    cols = ["bf16"] + args.variants.split(";")
+    print("| M | K -> N | " + " | ".join(cols) + " | after x's op: " + " | ".join(cols)
+          + " | mul alone | floor | " + " | ".join(f"{c} / bf16" for c in cols[1:]) + " |")
+    print("|---" * (3 + 2 * len(cols) + len(variants) + 1) + "|")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    shapes = [(3072, 8), (3072, 8 * sms), (3072, 3072), (3072, 12288), (12288, 3072)]
+    for M in [int(m) for m in args.tokens.split(",")]:
+        for K, N in shapes:
+            back, after, mul = case(M, K, N, variants)
+            floor = (N * K / 2 + N * K / 64 * 4 + M * K * 2) / (bw * 1e9) * 1e6
+            print(f"| {M} | {K} -> {N} | " + " | ".join(f"{v:.2f}" for v in back + after)
+                  + f" | {mul:.2f} | {floor:.2f} | " + " | ".join(f"{v / back[0]:.2f}x" for v in back[1:]) + " |",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
