@@ -4,7 +4,7 @@ launch (PDL), against bf16 F.linear (cuBLAS), timed in turns in one run
 (bench/gpu_ops.py's graphs: 50 calls a graph, the weights rotated so that every call
 reads DRAM).
 
-    python3 bench/skinny_launch.py [--tokens 1,16] [--variants "pdl=2;pdl=1"]
+    python3 bench/skinny_launch.py [--tokens 1,16] [--variants "pdl=2;pdl=1"] [--timeline]
 
 --variants: a column each, knobs (ops.CUDA_KNOBS) as k=v[,k=v], ';' between columns
 (knob pdl: 2 launches the 4-bit kernel early and releases the next early; 1 off, which
@@ -17,6 +17,10 @@ Two ways a call can follow another:
                  (torch.mul(x0, 1, out=x)), as in a model, where the kernel before a
                  linear is torch's and never releases its dependents early: the column
                  is (mul + op) - mul alone
+--timeline: instead, where block 0 of the kernel spends its time (knob skinny_probe = 4:
+the SM's clock at 8 points of the kernel, in y instead of the result), the last of 50
+calls in a graph, each after x's op, weights rotated: cycles from the kernel's first
+instruction, medians of 9 replays.
 The first rows are the smallest calls (one 8-row octet, then one octet an SM): their
 time is the fixed cost of a call in this timing, the part no byte count explains.
 """
@@ -94,14 +98,59 @@ def case(M: int, K: int, N: int, variants: list[dict]) -> tuple[list[float], lis
     return t[:n], [v - mul for v in t[n + 1:]], mul
 
 
+MARKS = ["barriers set", "loads issued (producer)", "decode table built", "tokens in", "first stage in",
+         "last tile's products", "y stored"]
+
+
+def timeline(M: int, K: int, N: int) -> list[float]:
+    """Cycles from block 0's first instruction to each of MARKS (knob skinny_probe = 4)."""
+    torch.manual_seed(0)
+    w = torch.randn(N, K, dtype=torch.bfloat16, device=DEV) * 0.02
+    packed, absmax = ops.quantize_4bit(w, "nf4", 64)
+    C = copies_for(packed.numel() + 4 * absmax.numel())
+    ps = [packed.clone() for _ in range(C)]
+    x0 = torch.randn(M, K, dtype=torch.bfloat16, device=DEV)
+    x = x0.clone()
+    with kernel_variants(skinny_probe=4, pdl=1):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(3):
+                torch.mul(x0, 1.0, out=x)
+                ops.linear_4bit(x, ps[i % C], absmax, "nf4", 64, (N, K))
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for r in range(REPS):
+                torch.mul(x0, 1.0, out=x)
+                y = ops.linear_4bit(x, ps[r % C], absmax, "nf4", 64, (N, K))
+    rows = []
+    for _ in range(9):
+        g.replay()
+        torch.cuda.synchronize()
+        t = y.reshape(-1)[:16].view(torch.int32).cpu().tolist()[:8]
+        rows.append([(v - t[0]) % (1 << 32) for v in t[1:]])
+    return [statistics.median(r[i] for r in rows) for i in range(len(MARKS))]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="1,16")
     ap.add_argument("--variants", default="pdl=2;pdl=1")
+    ap.add_argument("--timeline", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available() or ops.list_backends()["cuda"] is not None:
         print("needs a GPU and the CUDA kernels:", ops.list_backends()["cuda"])
         return 1
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if args.timeline:
+        print(f"# {torch.cuda.get_device_name()}: block 0 of linear4_stream, cycles from its first instruction")
+        print("| M | K -> N | " + " | ".join(MARKS) + " |")
+        print("|---" * (2 + len(MARKS)) + "|")
+        for M in [int(m) for m in args.tokens.split(",")]:
+            for K, N in [(3072, 16), (3072, 8 * sms), (3072, 3072), (3072, 12288), (12288, 3072)]:
+                print(f"| {M} | {K} -> {N} | " + " | ".join(f"{v:.0f}" for v in timeline(M, K, N)) + " |", flush=True)
+        return 0
     bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, copy {bw / 1e3:.2f} TB/s")
     variants = [dict((k.strip(), int(v)) for k, _, v in (kv.partition("=") for kv in col.split(",")))
@@ -110,7 +159,6 @@ def main() -> int:
     print("| M | K -> N | " + " | ".join(cols) + " | after x's op: " + " | ".join(cols)
           + " | mul alone | floor | " + " | ".join(f"{c} / bf16" for c in cols[1:]) + " |")
     print("|---" * (3 + 2 * len(cols) + len(variants) + 1) + "|")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     shapes = [(3072, 8), (3072, 8 * sms), (3072, 3072), (3072, 12288), (12288, 3072)]
     for M in [int(m) for m in args.tokens.split(",")]:
         for K, N in shapes:

@@ -288,7 +288,8 @@ def stream_fits(M, N, K, group, tokens_in_registers):
     groups = min(props.multi_processor_count // ks, octets)
     tiles = (-(-octets // groups) + 1) // 2
     nt = 2 if M > 8 else 1
-    off_part = 256 + 65536 + 2 * 16 * 8 * nt * 16 * 4 + (0 if tokens_in_registers else M * (2 * K + 16))
+    cw = 16 if tokens_in_registers else 8  # consumer warps (stream_cw)
+    off_part = 256 + 65536 + 2 * cw * 8 * nt * 16 * 4 + (0 if tokens_in_registers else M * (2 * K + 16))
     off_st = -(-(off_part + (tiles * 1024 if ks > 1 else 0)) // 128) * 128
     room = props.shared_memory_per_block_optin - off_st
     cap = Kl if tokens_in_registers else 4096
@@ -686,12 +687,12 @@ def test_cuda_graph_capture_replays():
 def test_early_launch_reads_what_the_kernel_before_wrote(layout, M, K, N):
     """Kernels launched early (PDL, sm_90: the skinny W8A8 GEMM and the wgmma one with row
     scales, after our activation quantize; the streamed 4-bit linear with knob pdl = 2)
-    start while the stream's previous kernel
-    still runs; they must still see everything it writes. Each call's tokens and weights
-    are written by the copy kernels just before it (eagerly and in a replayed graph, where
-    the calls follow one another with no gap); every output must be bit for bit the one
-    of its own inputs computed alone, with PDL and without (knob pdl = 1). The last case
-    takes the W8A8 K split, whose workspace flags a memset zeroes between the two kernels."""
+    start while the stream's previous kernel still runs; they must still see everything
+    it writes. Each call's tokens and weights are written by the copy kernels just before
+    it (eagerly and in a replayed graph, where the calls follow one another with no gap);
+    every output must be bit for bit the one of its own inputs computed alone, with PDL
+    and without (knob pdl = 1). The last case takes the W8A8 K split, whose workspace
+    flags a memset zeroes between the two kernels."""
     group = 64 if layout == "nf4" else 128
     pdl_on = 2 if layout == "nf4" else 0
     ws = [weight(N, K).to(DEV) for _ in range(2)]

@@ -323,8 +323,8 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * of shared-memory stages filled by the bulk copy engine. One producer warp issues a stage
  * (16 rows x up to 4096 k) as 32 row copies (16 weight rows padded by one chunk's bytes
  * and 16 absmax rows padded by 16 bytes, so that the fragment loads are conflict-free);
- * 16 consumer warps split each stage's k between them and meet once a 16-row tile in
- * shared memory (added in warp order: deterministic). Every consumer thread releases a
+ * 8 consumer warps (16 with XREG) split each stage's k between them and meet once a
+ * 16-row tile in shared memory (added in warp order: deterministic). Every consumer thread releases a
  * stage it has read (compute-sanitizer's racecheck flagged the reuse of a stage released
  * by lane 0 after __syncwarp: docs/CUDA_NOTES.md, runs 42-44).
  * The tokens are staged once (1-8 tokens), or held in registers (XREG, below).
@@ -342,9 +342,11 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * start, instead of from staged tokens every chunk: no tokens in shared memory, and 9-16
  * tokens (NT = 2 tiles of 8) fit beside the stages. At most STREAM_XCPW chunks a warp:
  * 3 x BYTES x NT registers of tokens. */
-/* consumer warps: 24 or 30 were slower than 16 (run 29): the consumers are bound by their
- * instruction issue and shared-memory wavefronts, not by latency */
-constexpr int STREAM_CW = 16;
+/* consumer warps with staged tokens: 8 (runs 82-83: 3-6% faster than 16 at 1-8 tokens, 4
+ * between; 24 and 30 were slower than 16, run 29), and half the partial-sum buffer of 16
+ * leaves room for larger stages: 4 tokens at 12288 -> 3072 32.5 -> 18.2 us. With XREG,
+ * 16: fewer would split K over more blocks (at most STREAM_XCPW chunks a warp) */
+constexpr int stream_cw(bool xreg) { return xreg ? 16 : 8; }
 constexpr int STREAM_XCPW = 3;
 constexpr int STREAM_MAX_STAGES = 8;
 constexpr int STREAM_KSL = 4096;     /* k of a stage at most (32 KB of 16 weight rows); 2048 or
@@ -374,13 +376,13 @@ __device__ __forceinline__ uint32_t lut256_offset(uint32_t w, uint32_t lane4) {
     return __byte_perm(lane4, w, 0x1100u | ((4u + B) << 4));
 }
 
-template <typename T, int BYTES, int NT, bool XREG>
-__global__ void __launch_bounds__(32 * (STREAM_CW + 1), 1)
+template <typename T, int BYTES, int NT, bool XREG, int CW = stream_cw(XREG)>
+__global__ void __launch_bounds__(32 * (CW + 1), 1)
 linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, const float *__restrict__ absmax,
                const T *__restrict__ bias, T *__restrict__ y, int M, int64_t N, int64_t K, int log2_group,
                int codebook, StreamLayout L, int probe) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    constexpr int CK = BYTES * 8, CB = BYTES * 4, STEPS = BYTES / 2, WORDS = BYTES / 4, CW = STREAM_CW;
+    constexpr int CK = BYTES * 8, CB = BYTES * 4, STEPS = BYTES / 2, WORDS = BYTES / 4;
     extern __shared__ __align__(16) unsigned char smem[];
     uint64_t *bars = reinterpret_cast<uint64_t *>(smem); /* full[S], empty[S], tokens: <= 136 bytes */
     float *table = reinterpret_cast<float *>(smem + 192); /* no static shared memory: the dynamic
@@ -391,6 +393,13 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     unsigned char *st = smem + L.off_st;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    /* probe 4 (benchmark): block 0's timeline, the SM's clock at 8 points, into y as words */
+    auto mark = [&](int i) {
+        if (probe == 4 && blockIdx.x == 0)
+            reinterpret_cast<volatile uint32_t *>(y)[i] = (uint32_t)clock64();
+    };
+    if (threadIdx.x == 0)
+        mark(0);
     /* the block's octets: a contiguous run (every gridDim.x-th instead was no faster: run
      * 27), its cluster's with K split; a tile is two octets */
     const int KS = XREG ? L.ksplit : 1;
@@ -448,6 +457,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
         mbar_init_fence();
     }
     __syncthreads();
+    if (threadIdx.x == 0)
+        mark(1);
 
     /* launched early (knob pdl = 2): the previous kernel may still run until pdl_wait; until
      * then only shared memory and constants (an L2 prefetch of the first stages before the
@@ -492,6 +503,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 }
             }
         }
+        if (lane == 0)
+            mark(2); /* every load issued */
         if constexpr (XREG)
             if (KS > 1)
                 cluster_sum_store(); /* every thread of the cluster takes part */
@@ -511,6 +524,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     consumers_sync();
     pdl_wait();
     pdl_release();
+    if (threadIdx.x == 0)
+        mark(3); /* decode table built */
 
     /* lane (r, t): weight rows r and r + 8 of the tile (A), tokens r + 8 nt (B; zero past
      * M); its C fragments: rows r and r + 8, tokens 8 nt + 2t and 8 nt + 2t + 1 */
@@ -537,6 +552,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     } else {
         mbar_wait(xbar, 0);
     }
+    if (threadIdx.x == 0)
+        mark(4); /* tokens in */
     const bool x_ok = r < M;
     const unsigned char *xrow = xst + r * L.xs + t * (CK / 4) * 2;
     int s = 0, rb = 0;
@@ -552,6 +569,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             const float *ab0 = reinterpret_cast<const float *>(sb + 16 * L.rs) + r * L.as, *ab1 = ab0 + 8 * L.as;
             const unsigned char *xk = xrow + k0 * 2;
             mbar_wait(full(s), phase);
+            if (threadIdx.x == 0 && tile == 0 && j == 0)
+                mark(5); /* first stage in */
             /* one chunk: decode 16 rows x CK k once, an MMA chain a token tile */
             auto chunk = [&](int c, const uint32_t (&xv)[NT][BYTES]) {
                 uint32_t wa[WORDS], wb[WORDS];
@@ -560,7 +579,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 const int g = (c * CK) >> log2_group;
                 const float am0 = ab0[g], am1 = ab1[g];
                 /* one chain of MMAs a chunk and token tile: two chains (linear4_staged's)
-                 * cost an FADD per accumulator and were no faster here, where 16 warps hide
+                 * cost an FADD per accumulator and were no faster here, where 16 warps hid
                  * the latency (run 30) */
                 float tmp[NT][4] = {};
 #pragma unroll
@@ -612,6 +631,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 phase ^= 1u;
             }
         }
+        if (threadIdx.x == 0 && tile == tiles - 1)
+            mark(6); /* last tile's products done */
         /* the warps' partial sums of this tile, added in warp order */
         constexpr int TOK = 8 * NT;
         float *rr = red + rb * (CW * TOK * 16);
@@ -641,9 +662,12 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 } else {
                     if (bias)
                         v += to_f32(bias[n]);
-                    y[(int64_t)m * N + n] = from_f32<T>(v);
+                    if (probe != 4)
+                        y[(int64_t)m * N + n] = from_f32<T>(v);
                 }
             }
+            if (threadIdx.x == 0 && tile == tiles - 1)
+                mark(7); /* y stored */
         }
     }
     if constexpr (XREG)
@@ -694,11 +718,11 @@ static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, i
     return true;
 }
 
-template <typename T, int BYTES, int NT, bool XREG>
+template <typename T, int BYTES, int NT, bool XREG, int CW = stream_cw(XREG)>
 static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax,
                               const T *bias, T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook,
                               cudaStream_t stream) {
-    constexpr int CW = STREAM_CW, CK = 8 * BYTES;
+    constexpr int CK = 8 * BYTES;
     if (!aligned16(x) || !aligned16(packed) || !aligned16(absmax))
         return CQ_EUNSUPPORTED;
     /* XREG: split K over a cluster of KS blocks until a slice is at most 48 chunks */
@@ -724,7 +748,7 @@ static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *
     };
     if (!layout())
         return CQ_EUNSUPPORTED;
-    auto kernel = linear4_stream<T, BYTES, NT, XREG>;
+    auto kernel = linear4_stream<T, BYTES, NT, XREG, CW>;
     static unsigned long long smem_set; /* bit per device: the limit is the card's, once */
     const int st = raise_smem_limit(reinterpret_cast<const void *>(kernel), dev.smem_optin, &smem_set,
                                     "linear_4bit (streamed smem)");
