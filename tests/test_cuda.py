@@ -639,6 +639,20 @@ def test_torch_compile_inductor_matches_eager(tokens):
 
 
 # ----------------------------------------------------------------------------- graphs
+def captured(run):
+    """run() warmed up on a side stream (as CUDA graph capture asks), then captured into a
+    graph: (the graph, the outputs of the captured run)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = run()
+    return g, outs
+
+
 def test_cuda_graph_capture_replays():
     """Launchers neither allocate nor synchronize: the ops capture into a CUDA graph."""
     N, K = 256, 512
@@ -660,14 +674,7 @@ def test_cuda_graph_capture_replays():
                 ops.linear_int8(x3, qr, sr, "int8_row", None))
 
     eager = run()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        outs = run()
+    g, outs = captured(run)
     x1.copy_(torch.randn_like(x1))
     x2.copy_(torch.randn_like(x2))
     x3.copy_(torch.randn_like(x3))
@@ -729,14 +736,7 @@ def test_early_launch_reads_what_the_kernel_before_wrote(layout, M, K, N):
             for outs in (run(), run()):
                 for i, y in enumerate(outs):
                     assert torch.equal(y, alone[i]), (pdl, i)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                run()
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                outs = run()
+            g, outs = captured(run)
         for _ in range(3):
             for y in outs:
                 y.fill_(float("nan"))
