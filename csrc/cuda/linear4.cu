@@ -324,9 +324,9 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * (16 rows x up to 4096 k) as 32 row copies (16 weight rows padded by one chunk's bytes
  * and 16 absmax rows padded by 16 bytes, so that the fragment loads are conflict-free);
  * 8 consumer warps (16 with XREG) split each stage's k between them and meet once a
- * 16-row tile in shared memory (added in warp order: deterministic). Every consumer thread releases a
- * stage it has read (compute-sanitizer's racecheck flagged the reuse of a stage released
- * by lane 0 after __syncwarp: docs/CUDA_NOTES.md, runs 42-44).
+ * 16-row tile in shared memory (added in warp order: deterministic). Every consumer
+ * thread releases a stage it has read (compute-sanitizer's racecheck flagged the reuse of
+ * a stage released by lane 0 after __syncwarp: docs/CUDA_NOTES.md, runs 42-44).
  * The tokens are staged once (1-8 tokens), or held in registers (XREG, below).
  * Transposed against linear4_staged: y^T = W x^T, so the 16 rows of the MMA are weight
  * rows (A, decoded by a lane-private table like linear4_staged's, with 256-byte entries:
