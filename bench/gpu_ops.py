@@ -15,7 +15,10 @@ heats; time_graphs_interleaved). Rows:
   eager     plain-PyTorch dequantize (reference.py) to bf16 + F.linear
   bnb       bitsandbytes.matmul_4bit (4-bit)
   int_mm    torch._int_mm on int8 operands (no quantization or scaling counted; M > 16)
-Floors: bytes that must move at the measured copy bandwidth (dequantize/quantize).
+Floors: bytes that must move at the measured copy bandwidth (dequantize/quantize; and
+the nf4 linear at M <= 16: its packed weight, absmax, x and y, the "nf4 floor" column).
+A call also has a fixed cost no byte count explains (bench/skinny_launch.py: ~1.2 us for a
+trivial kernel in this timing, ~4 us for our smallest 4-bit call).
 """
 
 from __future__ import annotations
@@ -398,6 +401,11 @@ def bench_variants(rows: list[dict], only_4bit: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------- report
+def nf4_linear_bytes(M: int, K: int, N: int, group: int = 64) -> int:
+    """Bytes an nf4 linear must move: packed weight, float32 absmax, bf16 x and y."""
+    return N * K // 2 + 4 * (N * K // group) + 2 * M * K + 2 * M * N
+
+
 def print_tables(rows, bw, header):
     print(header)
     print(f"copy bandwidth (read + write): {bw:.0f} GB/s")
@@ -414,6 +422,10 @@ def print_tables(rows, bw, header):
     for r in lin:
         if r["method"] not in methods:
             methods.append(r["method"])
+    if any(r["M"] <= 16 for r in lin) and "ours nf4" in methods:
+        lin = lin + [dict(r, method="nf4 floor", ms=nf4_linear_bytes(r["M"], r["K"], r["N"]) / (bw * 1e9) * 1e3)
+                     for r in lin if r["method"] == "ours nf4" and r["M"] <= 16]
+        methods.append("nf4 floor")
     print("\n## linear: ms (ratio to bf16 cuBLAS, same run); negative ms = eager timing (capture failed)")
     print("| K, N | M | " + " | ".join(methods) + " |")
     print("|---|---|" + "---|" * len(methods))
