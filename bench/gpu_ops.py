@@ -47,12 +47,20 @@ L2_DEFEAT = 256 << 20  # bytes of distinct weights cycled through per graph
 
 # ----------------------------------------------------------------------------- timing
 class GraphTimer:
-    """fn(i) (i = copy index) captured `reps` times into one CUDA graph after a warm-up;
-    replay(n) times n replays of it (ms a call each). graph is None where the calls could
-    not be captured."""
+    """fn(i) (i = copy index) captured `reps` times into one CUDA graph after a warm-up,
+    under the kernel knobs `knobs` (launches read them when captured); replay(n) times n
+    replays of it (ms a call each); out is what the last captured call returned (its
+    tensors rewritten by every replay). graph is None where the calls could not be
+    captured."""
 
-    def __init__(self, fn, n_copies: int, reps: int):
-        self.fn, self.n_copies, self.reps = fn, n_copies, reps
+    def __init__(self, fn, n_copies: int, reps: int, knobs: dict | None = None):
+        self.fn, self.n_copies, self.reps, self.knobs = fn, n_copies, reps, knobs or {}
+        self.out = None
+        with kernel_variants(**self.knobs):
+            self._capture()
+
+    def _capture(self):
+        fn, n_copies, reps = self.fn, self.n_copies, self.reps
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -64,11 +72,11 @@ class GraphTimer:
         try:
             with torch.cuda.graph(self.graph):
                 for r in range(reps):
-                    fn(r % n_copies)
+                    self.out = fn(r % n_copies)
         except Exception as e:  # noqa: BLE001 - not capturable: the caller times it eagerly
             print(f"  (graph capture failed: {str(e)[:120]}; eager timing)", flush=True)
             torch.cuda.synchronize()
-            self.graph = None
+            self.graph, self.out = None, None
             return
         self.graph.replay()
         torch.cuda.synchronize()
@@ -96,19 +104,25 @@ def time_graph(fn, n_copies: int, reps: int, replays: int = 7) -> float:
 
 
 def time_graphs_interleaved(calls, reps: int, rounds: int = 5, replays: int = 2) -> list[float]:
-    """Median ms per call of each (fn, n_copies) of calls, all captured first and then
-    replayed in turn, round after round. Long compute-bound calls (M = 4608) heat the
-    card and its clock falls within a run: timed one after another, the same bf16 GEMM
-    measured 0.438 ms first and 0.503 ms second (run 41, 12288 -> 3072), so whichever
-    column came later looked slower. In turns, each sees the same clocks."""
-    timers = [GraphTimer(fn, n, reps) for fn, n in calls]
+    """Median ms per call of each (fn, n_copies) or (fn, n_copies, knobs) of calls (knobs:
+    GraphTimer's), all captured first and then replayed in turn, round after round. Long
+    compute-bound calls (M = 4608) heat the card and its clock falls within a run: timed
+    one after another, the same bf16 GEMM measured 0.438 ms first and 0.503 ms second
+    (run 41, 12288 -> 3072), so whichever column came later looked slower. In turns, each
+    sees the same clocks."""
+    timers = [GraphTimer(fn, n, reps, *knobs) for fn, n, *knobs in calls]
     times: list[list[float]] = [[] for _ in calls]
     for _ in range(rounds):
         for t, out in zip(timers, times):
             if t.graph is not None:
                 out += t.replay(replays)
-    result = [statistics.median(out) if t.graph is not None else -time_eager(t.fn, t.n_copies, reps)
-              for t, out in zip(timers, times)]
+    result = []
+    for t, out in zip(timers, times):
+        if t.graph is None:
+            with kernel_variants(**t.knobs):
+                result.append(-time_eager(t.fn, t.n_copies, reps))
+        else:
+            result.append(statistics.median(out))
     del timers
     return result
 

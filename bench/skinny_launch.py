@@ -38,24 +38,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_quant_native import ops, reference  # noqa: E402
-from gpu_ops import GraphTimer, copies_for, copy_bandwidth, kernel_variants  # noqa: E402
+from gpu_ops import (GraphTimer, copy_bandwidth, nf4_linear_bytes, rotated_copies,  # noqa: E402
+                     time_graphs_interleaved)
 
 DEV = "cuda"
 REPS = 50
-
-
-def timers_in_turns(entries, rounds: int = 5, replays: int = 3) -> list[float]:
-    """entries: (fn, n_copies, knobs); each captured under its knobs (launches read them
-    when captured), then all replayed in turns. Median us a call."""
-    timers = []
-    for fn, n, knobs in entries:
-        with kernel_variants(**knobs):
-            timers.append(GraphTimer(fn, n, REPS))
-    out: list[list[float]] = [[] for _ in entries]
-    for _ in range(rounds):
-        for t, o in zip(timers, out):
-            o += t.replay(replays)
-    return [1e3 * statistics.median(o) for o in out]
 
 
 def case(M: int, K: int, N: int, variants: list[dict]) -> tuple[list[float], list[float], float]:
@@ -63,9 +50,8 @@ def case(M: int, K: int, N: int, variants: list[dict]) -> tuple[list[float], lis
     torch.manual_seed(0)
     w = torch.randn(N, K, dtype=torch.bfloat16, device=DEV) * 0.02
     packed, absmax = ops.quantize_4bit(w, "nf4", 64)
-    C = copies_for(packed.numel() + 4 * absmax.numel())
-    ps = [packed.clone() for _ in range(C)]
-    ws = [w.clone() for _ in range(copies_for(w.numel() * 2))]
+    ps = rotated_copies(packed, packed.numel() + 4 * absmax.numel())
+    ws = rotated_copies(w)
     x0 = torch.randn(M, K, dtype=torch.bfloat16, device=DEV)
     x = x0.clone()
     want = reference.linear_4bit(x.cpu().float(), packed.cpu(), absmax.cpu(), "nf4", 64, N, K).float()
@@ -84,15 +70,15 @@ def case(M: int, K: int, N: int, variants: list[dict]) -> tuple[list[float], lis
         return ours(i)
 
     def bf16(i):
-        return F.linear(x, ws[i % len(ws)])
+        return F.linear(x, ws[i])
 
     def produced_bf16(i):
         produce(i)
         return bf16(i)
 
-    entries = [(bf16, len(ws), {})] + [(ours, C, v) for v in variants] + [(produce, 1, {})]
-    entries += [(produced_bf16, len(ws), {})] + [(produced_ours, C, v) for v in variants]
-    t = timers_in_turns(entries)
+    entries = [(bf16, len(ws))] + [(ours, len(ps), v) for v in variants] + [(produce, 1)]
+    entries += [(produced_bf16, len(ws))] + [(produced_ours, len(ps), v) for v in variants]
+    t = [1e3 * ms for ms in time_graphs_interleaved(entries, REPS, replays=3)]
     n = 1 + len(variants)
     mul = t[n]
     return t[:n], [v - mul for v in t[n + 1:]], mul
@@ -107,28 +93,19 @@ def timeline(M: int, K: int, N: int) -> list[float]:
     torch.manual_seed(0)
     w = torch.randn(N, K, dtype=torch.bfloat16, device=DEV) * 0.02
     packed, absmax = ops.quantize_4bit(w, "nf4", 64)
-    C = copies_for(packed.numel() + 4 * absmax.numel())
-    ps = [packed.clone() for _ in range(C)]
+    ps = rotated_copies(packed, packed.numel() + 4 * absmax.numel())
     x0 = torch.randn(M, K, dtype=torch.bfloat16, device=DEV)
     x = x0.clone()
-    with kernel_variants(skinny_probe=4, pdl=1):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for i in range(3):
-                torch.mul(x0, 1.0, out=x)
-                ops.linear_4bit(x, ps[i % C], absmax, "nf4", 64, (N, K))
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for r in range(REPS):
-                torch.mul(x0, 1.0, out=x)
-                y = ops.linear_4bit(x, ps[r % C], absmax, "nf4", 64, (N, K))
+
+    def produced_ours(i):
+        torch.mul(x0, 1.0, out=x)
+        return ops.linear_4bit(x, ps[i], absmax, "nf4", 64, (N, K))
+
+    timer = GraphTimer(produced_ours, len(ps), REPS, dict(skinny_probe=4, pdl=1))
     rows = []
     for _ in range(9):
-        g.replay()
-        torch.cuda.synchronize()
-        t = y.reshape(-1)[:16].view(torch.int32).cpu().tolist()[:8]
+        timer.replay(1)
+        t = timer.out.reshape(-1)[:16].view(torch.int32).cpu().tolist()[:8]
         rows.append([(v - t[0]) % (1 << 32) for v in t[1:]])
     return [statistics.median(r[i] for r in rows) for i in range(len(MARKS))]
 
@@ -163,7 +140,7 @@ def main() -> int:
     for M in [int(m) for m in args.tokens.split(",")]:
         for K, N in shapes:
             back, after, mul = case(M, K, N, variants)
-            floor = (N * K / 2 + N * K / 64 * 4 + M * K * 2) / (bw * 1e9) * 1e6
+            floor = nf4_linear_bytes(M, K, N) / (bw * 1e9) * 1e6
             print(f"| {M} | {K} -> {N} | " + " | ".join(f"{v:.2f}" for v in back + after)
                   + f" | {mul:.2f} | {floor:.2f} | " + " | ".join(f"{v / back[0]:.2f}x" for v in back[1:]) + " |",
                   flush=True)
