@@ -267,41 +267,66 @@ STREAM_CASES = [(1, 3072, 3072, 64), (1, 1, 256, 64), (2, 13, 512, 32), (8, 2000
                 (3, 64, 8192, 32)]
 
 
-def stream_fits(M, N, K, group, tokens_in_registers):
-    """Whether linear4_stream takes (M, N, K, group) with its tokens staged in shared
-    memory or in registers (K split over a cluster where a row has more than 48 chunks):
-    csrc/cuda/linear4.cu, run_stream_variant and stream_layout, on this card."""
+def stream_plan(M, N, K, group, tokens_in_registers, forced_split=0, absmax_rows=False):
+    """The K split over a cluster and the layout that linear4_stream takes for (M, N, K,
+    group) on this card, as (split, k of a stage, stages), or None where it refuses:
+    csrc/cuda/linear4.cu, stream_split, run_stream_variant and stream_layout (absmax_rows:
+    knob stream_ab = 1)."""
     q, nbytes = 4 * group, (16 if group >= 128 else 8 if group == 64 else 4)
     if M > (16 if tokens_in_registers and nbytes <= 8 else 8):
-        return False
-    ks = 1
-    if tokens_in_registers:
-        while ks <= 8 and (K % ks or (K // ks) % q or K // ks // (8 * nbytes) > 3 * 16):
-            ks *= 2
-        if ks > 8:
-            return False
-    Kl = K // ks
-    if K % q or Kl % q:
-        return False
+        return None
     props = torch.cuda.get_device_properties(0)
-    octets = -(-N // 8)
-    groups = min(props.multi_processor_count // ks, octets)
-    tiles = (-(-octets // groups) + 1) // 2
-    nt = 2 if M > 8 else 1
-    cw = 16 if tokens_in_registers else 8  # consumer warps (stream_cw)
-    off_part = 256 + 65536 + 2 * cw * 8 * nt * 16 * 4 + (0 if tokens_in_registers else M * (2 * K + 16))
-    off_st = -(-(off_part + (tiles * 1024 if ks > 1 else 0)) // 128) * 128
-    room = props.shared_memory_per_block_optin - off_st
-    cap = Kl if tokens_in_registers else 4096
-    while True:
+
+    def fits(ks):
+        return K % ks == 0 and (K // ks) % q == 0 and (
+            not tokens_in_registers or K // ks // (8 * nbytes) <= 3 * 16)
+
+    def stage_k(Kl, cap):
         J = -(-Kl // cap)
-        ksl = -(-(-(-Kl // J)) // q) * q
-        J = -(-Kl // ksl)
-        stages = room // (16 * (ksl // 2 + 4 * nbytes) + 64 * (ksl // group + 4))
-        if tokens_in_registers or stages >= 3 or cap // 2 < 1024 or cap // 2 < q:
-            break
-        cap //= 2
-    return stages >= 3 and (J == 1 or not tokens_in_registers)
+        return -(-(-(-Kl // J)) // q) * q
+
+    def layout(ks):
+        Kl, octets = K // ks, -(-N // 8)
+        groups = min(props.multi_processor_count // ks, octets)
+        tiles = (-(-octets // groups) + 1) // 2
+        nt = 2 if M > 8 else 1
+        cw = 16 if tokens_in_registers else 8  # consumer warps (stream_cw)
+        off_part = 256 + 65536 + 2 * cw * 8 * nt * 16 * 4 + (0 if tokens_in_registers else M * (2 * Kl + 16))
+        off_st = -(-(off_part + (tiles * 1024 if ks > 1 else 0)) // 128) * 128
+        room = props.shared_memory_per_block_optin - off_st
+        cap = Kl if tokens_in_registers else 4096
+        while True:
+            ksl = stage_k(Kl, cap)
+            J = -(-Kl // ksl)
+            whole = J == 1 and ks == 1 and not absmax_rows  # the stage's absmax unpadded, one copy
+            stages = room // (16 * (ksl // 2 + 4 * nbytes) + 64 * (ksl // group + (0 if whole else 4)))
+            if tokens_in_registers or stages >= 3 or cap // 2 < 1024 or cap // 2 < q:
+                break
+            cap //= 2
+        ok = stages >= 3 and (J == 1 or not tokens_in_registers)
+        return (ks, ksl, min(stages, 8)) if ok else None
+
+    if 1 <= forced_split <= 8 and fits(forced_split):
+        return layout(forced_split)
+    ks = next((s for s in (1, 2, 4, 8) if fits(s)), 0)
+    if ks == 0:
+        return None
+    best = layout(ks)
+    if tokens_in_registers:
+        return best
+    s = 2 * ks
+    while s <= 8 and (best is None or best[1] < stage_k(K // best[0], 4096)):
+        got = layout(s) if fits(s) else None
+        if got and (best is None or got[1] > best[1]):
+            best = got
+        s *= 2
+    return best
+
+
+def stream_fits(M, N, K, group, tokens_in_registers, forced_split=0, absmax_rows=False):
+    """Whether linear4_stream takes (M, N, K, group) with its tokens staged in shared
+    memory or in registers (K split over a cluster where a row has more than 48 chunks)."""
+    return stream_plan(M, N, K, group, tokens_in_registers, forced_split, absmax_rows) is not None
 
 
 @pytest.mark.parametrize("case", STREAM_CASES, ids=str)
@@ -320,12 +345,13 @@ def test_linear_4bit_streamed(case, dtype, codebook):
     bd = None if bias is None else bias.to(DEV)
     mag = x.float().abs() @ w.abs().t() + (0.0 if bias is None else bias.float().abs()) + 1e-3
     outs = {}
-    for name, path, tokens in (("staged kernel", 2, 0), ("streamed, tokens staged", 3, 1),
-                               ("streamed, tokens in registers", 3, 2)):
+    for name, path, tokens, ab in (("staged kernel", 2, 0, 0), ("streamed, tokens staged", 3, 1, 0),
+                                   ("streamed, tokens in registers", 3, 2, 0),
+                                   ("streamed, absmax row by row", 3, 1, 1)):
         poison()
         y = torch.empty(M, N, dtype=dtype, device=DEV)
-        with variant("linear_4bit", path), variant("stream_xreg", tokens):
-            if tokens and not stream_fits(M, N, K, group, tokens == 2):
+        with variant("linear_4bit", path), variant("stream_xreg", tokens), variant("stream_ab", ab):
+            if tokens and not stream_fits(M, N, K, group, tokens == 2, absmax_rows=ab == 1):
                 with pytest.raises(NotImplementedError, match="no kernel"):
                     linear_4bit_raw(xd, pd, ad, bd, y, group, codebook)
                 continue
@@ -339,6 +365,46 @@ def test_linear_4bit_streamed(case, dtype, codebook):
     scale = ref.abs().max().item() + 1.0
     for name, y in outs.items():
         assert (y.float() - outs["staged kernel"].float()).abs().max().item() <= 2 ** -6 * scale, (name, case)
+
+
+# (M, N, K, group, split): K split over a cluster with the tokens staged (each block stages
+# its slice of them): one stage a slice, several (8 tokens at K = 12288: 1024-k stages),
+# odd N and partial octets, a cluster of 8 with one tile, and the automatic choice (0)
+# where the tokens leave short stages only (4 and 8 tokens at K = 12288: a split in 2)
+STREAM_SPLIT_CASES = [(1, 3072, 3072, 64, 2), (8, 1031, 12288, 64, 2), (3, 300, 6144, 128, 4),
+                      (2, 129, 8192, 32, 8), (5, 24, 1024, 64, 2), (4, 3072, 12288, 64, 0),
+                      (8, 1031, 12288, 64, 0), (7, 2000, 4096, 256, 2)]
+
+
+@pytest.mark.parametrize("case", STREAM_SPLIT_CASES, ids=str)
+def test_linear_4bit_streamed_k_split_tokens_staged(case):
+    """The streamed kernel with its tokens staged and K split over a cluster (forced by
+    knob split_k, or 0: the automatic choice): against the reference and the staged
+    kernel, as test_linear_4bit_streamed; the split must be the one that runs."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the streamed kernel needs sm_90")
+    M, N, K, group, split = case
+    plan = stream_plan(M, N, K, group, False, split)
+    assert plan is not None, case
+    # forced: taken; automatic: a split on a card with the H100/H200's shared memory
+    big = torch.cuda.get_device_properties(0).shared_memory_per_block_optin >= 227 * 1024
+    assert plan[0] == split or (split == 0 and (plan[0] > 1 or not big)), (plan, case)
+    dtype = torch.bfloat16
+    w, packed, absmax, x, bias, ref = linear_4bit_case(M, N, K, group, "nf4", dtype, N % 2)
+    xd, pd, ad = x.to(DEV), packed.to(DEV), absmax.to(DEV)
+    bd = None if bias is None else bias.to(DEV)
+    mag = x.float().abs() @ w.abs().t() + (0.0 if bias is None else bias.float().abs()) + 1e-3
+    outs = {}
+    for name, path, tokens, ks in (("staged kernel", 2, 0, 0), ("streamed, K split", 3, 1, split)):
+        poison()
+        y = torch.empty(M, N, dtype=dtype, device=DEV)
+        with variant("linear_4bit", path), variant("stream_xreg", tokens), variant("split_k", ks):
+            linear_4bit_raw(xd, pd, ad, bd, y, group, "nf4")
+        torch.cuda.synchronize()
+        outs[name] = y
+        assert ((y.float().cpu() - ref).abs() / mag).max().item() < tol(dtype), (name, case)
+    scale = ref.abs().max().item() + 1.0
+    assert (outs["streamed, K split"].float() - outs["staged kernel"].float()).abs().max().item() <= 2 ** -6 * scale
 
 
 def test_linear_4bit_streamed_refuses_what_it_cannot_run():

@@ -68,7 +68,9 @@ enum Knob {
     KNOB_PDL = 11,       /* programmatic dependent launch (sm_90) of the W8A8 GEMMs (skinny; wgmma with row
                             scales) after our activation quantize: 1 = off, 2 = also the streamed 4-bit
                             linear (benchmark) */
-    KNOB_COUNT = 12
+    KNOB_STREAM_AB = 12, /* streamed 4-bit kernel: 1 = absmax copied row by row (benchmark; default: a stage of
+                            whole rows takes its absmax in one copy) */
+    KNOB_COUNT = 13
 };
 CQ_HIDDEN int knob(int which);
 

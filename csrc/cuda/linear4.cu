@@ -335,7 +335,7 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * Why (runs 5-9 and 20 of docs/CUDA_NOTES.md): linear4_staged streams short K slices with
  * cp.async, 2 stages deep, and waits about one memory latency a stage; here 3-8 stages are
  * in flight an SM, issued by one thread, and there is no split-K between blocks but that
- * of a cluster. What bounds it now is the consumers' decode (runs 28-31, 40). */
+ * of a cluster (stream_split). What bounds it now is the consumers' decode (runs 28-31, 40). */
 /* Tokens in registers (XREG): where a tile is one stage (at most 48 chunks of K, K split
  * over a cluster of 2-8 blocks where a row is longer), a consumer warp works on the same
  * chunks of every tile, so it loads their B fragments from global memory once, at the
@@ -358,14 +358,20 @@ struct StreamLayout {
     int S;           /* stages in the ring */
     int rs;          /* bytes between staged weight rows: ksl / 2 + 4 BYTES (16 bytes of padding
                         left the 8- and 16-byte fragment loads 2-way conflicted: run 30) */
-    int as;          /* floats between staged absmax rows: ksl / group + 4 */
-    int xs;          /* bytes between staged token rows: 2 K + 16 */
+    int as;          /* floats between staged absmax rows: ksl / group, + 4 unless ab_whole */
+    int ab_whole;    /* a stage is whole rows (J = 1, ksplit = 1): its absmax in one copy */
+    int xs;          /* bytes between staged token rows: 2 K / ksplit + 16 */
     int off_red;     /* partial sums [2][CW][8 NT tokens][16 rows] floats (after the 64 KB table) */
     int off_x;       /* tokens [M][xs bytes] (none with XREG) */
     int off_st;      /* stages [S][16 rs + 64 as bytes] */
     int stage_bytes;
-    int ksplit;      /* blocks of a cluster, each a K / ksplit slice of the same rows (XREG) */
+    int ksplit;      /* blocks of a cluster, each a K / ksplit slice of the same rows */
     int off_part;    /* ksplit > 1: the block's sums [tiles][16 tokens][16 rows] floats */
+};
+
+template <bool B>
+struct BoolConst {
+    static constexpr bool value = B;
 };
 
 /* Byte B of w as the offset of its entry in linear4_stream's decode table (entry * 256 +
@@ -402,11 +408,10 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
         mark(0);
     /* the block's octets: a contiguous run (every gridDim.x-th instead was no faster: run
      * 27), its cluster's with K split; a tile is two octets */
-    const int KS = XREG ? L.ksplit : 1;
+    const int KS = L.ksplit;
     int rank = 0;
-    if constexpr (XREG)
-        if (KS > 1)
-            asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+    if (KS > 1)
+        asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
     const int64_t Kl = K / KS, k_off = rank * Kl; /* this block's slice of K */
     const int64_t octets = (N + 7) / 8, groups = gridDim.x / KS, grp = blockIdx.x / KS;
     const int64_t o_begin = grp * octets / groups;
@@ -440,8 +445,11 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 }
                 if (bias)
                     v += to_f32(bias[n]);
-                y[(int64_t)m * N + n] = from_f32<T>(v);
+                if (probe != 4)
+                    y[(int64_t)m * N + n] = from_f32<T>(v);
             }
+        if (threadIdx.x == 0)
+            mark(7); /* y stored */
         /* no block leaves while another still reads its sums */
         asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
     };
@@ -467,11 +475,11 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
         pdl_wait();
         pdl_release();
         if constexpr (!XREG) {
-            if (lane == 0)
-                mbar_expect_tx(xbar, M * (int)K * 2);
+            if (lane == 0) /* the tokens' slice of K only */
+                mbar_expect_tx(xbar, M * (int)Kl * 2);
             __syncwarp();
             if (lane < M)
-                bulk_load(s_addr(xst + lane * L.xs), x + (int64_t)lane * K, (uint32_t)(K * 2), xbar);
+                bulk_load(s_addr(xst + lane * L.xs), x + (int64_t)lane * K + k_off, (uint32_t)(Kl * 2), xbar);
         }
         int s = 0;
         uint32_t phase = 0;
@@ -493,7 +501,11 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                     const int64_t e = n * K + k_off + k0; /* first element of the row's slice */
                     if (lane < 16)
                         bulk_load(s_addr(sb + row * L.rs), packed + (e >> 1), (uint32_t)(kl / 2), full(s));
-                    else if (abytes)
+                    else if (abytes && L.ab_whole) { /* rows 0 .. rows - 1: one copy */
+                        if (lane == 16)
+                            bulk_load(s_addr(sb + 16 * L.rs), absmax + (e >> log2_group), (uint32_t)(rows * abytes),
+                                      full(s));
+                    } else if (abytes)
                         bulk_load(s_addr(sb + 16 * L.rs + row * L.as * 4), absmax + (e >> log2_group),
                                   (uint32_t)abytes, full(s));
                 }
@@ -505,9 +517,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
         }
         if (lane == 0)
             mark(2); /* every load issued */
-        if constexpr (XREG)
-            if (KS > 1)
-                cluster_sum_store(); /* every thread of the cluster takes part */
+        if (KS > 1)
+            cluster_sum_store(); /* every thread of the cluster takes part */
         return;
     }
 
@@ -560,6 +571,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     uint32_t phase = 0;
     for (int tile = 0; tile < tiles; tile++, rb ^= 1) {
         float acc[NT][4] = {};
+        const bool half_tile = 2 * tile + 1 >= n_oct; /* one octet: 384 octets on 132 SMs are 3 a
+                                                         block, 1.5 tiles' decode instead of 2 */
         for (int j = 0; j < L.J; j++) {
             const int64_t k0 = (int64_t)j * L.ksl;
             const int kl = Kl - k0 < L.ksl ? (int)(Kl - k0) : L.ksl;
@@ -571,13 +584,17 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             mbar_wait(full(s), phase);
             if (threadIdx.x == 0 && tile == 0 && j == 0)
                 mark(5); /* first stage in */
-            /* one chunk: decode 16 rows x CK k once, an MMA chain a token tile */
-            auto chunk = [&](int c, const uint32_t (&xv)[NT][BYTES]) {
-                uint32_t wa[WORDS], wb[WORDS];
+            /* one chunk: decode 16 rows x CK k once, an MMA chain a token tile; HALF: rows
+             * 8-15 are past the block's octets (its last tile of an odd count), so only
+             * rows 0-7 are read and decoded, rows 8-15 multiply zeros */
+            auto chunk = [&](int c, const uint32_t (&xv)[NT][BYTES], auto half) {
+                constexpr bool HALF = decltype(half)::value;
+                uint32_t wa[WORDS], wb[WORDS] = {};
                 load_words_smem<BYTES>(w0 + c * CB, wa);
-                load_words_smem<BYTES>(w1 + c * CB, wb);
+                if (!HALF)
+                    load_words_smem<BYTES>(w1 + c * CB, wb);
                 const int g = (c * CK) >> log2_group;
-                const float am0 = ab0[g], am1 = ab1[g];
+                const float am0 = ab0[g], am1 = HALF ? 0.0f : ab1[g];
                 /* one chain of MMAs a chunk and token tile: two chains (linear4_staged's)
                  * cost an FADD per accumulator and were no faster here, where 16 warps hid
                  * the latency (run 30) */
@@ -588,11 +605,11 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                     uint32_t a[4];
                     a[0] = *reinterpret_cast<const uint32_t *>(
                         lut_bytes + ((q & 1) ? lut256_offset<2>(ua, lane4) : lut256_offset<0>(ua, lane4)));
-                    a[1] = *reinterpret_cast<const uint32_t *>(
+                    a[1] = HALF ? 0u : *reinterpret_cast<const uint32_t *>(
                         lut_bytes + ((q & 1) ? lut256_offset<2>(ub, lane4) : lut256_offset<0>(ub, lane4)));
                     a[2] = *reinterpret_cast<const uint32_t *>(
                         lut_bytes + ((q & 1) ? lut256_offset<3>(ua, lane4) : lut256_offset<1>(ua, lane4)));
-                    a[3] = *reinterpret_cast<const uint32_t *>(
+                    a[3] = HALF ? 0u : *reinterpret_cast<const uint32_t *>(
                         lut_bytes + ((q & 1) ? lut256_offset<3>(ub, lane4) : lut256_offset<1>(ub, lane4)));
 #pragma unroll
                     for (int nt = 0; nt < NT; nt++)
@@ -610,8 +627,12 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             if constexpr (XREG) {
 #pragma unroll
                 for (int cc = 0; cc < STREAM_XCPW; cc++)
-                    if (c_lo + cc < c_hi && !probe_loads)
-                        chunk(c_lo + cc, xr[cc]);
+                    if (c_lo + cc < c_hi && !probe_loads) {
+                        if (half_tile)
+                            chunk(c_lo + cc, xr[cc], BoolConst<true>{});
+                        else
+                            chunk(c_lo + cc, xr[cc], BoolConst<false>{});
+                    }
             } else {
 #pragma unroll 2
                 for (int c = c_lo; c < (probe_loads ? c_lo : c_hi); c++) {
@@ -622,7 +643,10 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                                              : make_uint4(0, 0, 0, 0);
                         xv[0][i] = u.x; xv[0][i + 1] = u.y; xv[0][i + 2] = u.z; xv[0][i + 3] = u.w;
                     }
-                    chunk(c, xv);
+                    if (half_tile)
+                        chunk(c, xv, BoolConst<true>{});
+                    else
+                        chunk(c, xv, BoolConst<false>{});
                 }
             }
             mbar_arrive(empty(s)); /* this thread's reads of the stage are done */
@@ -666,14 +690,19 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                         y[(int64_t)m * N + n] = from_f32<T>(v);
                 }
             }
-            if (threadIdx.x == 0 && tile == tiles - 1)
+            if (threadIdx.x == 0 && tile == tiles - 1 && KS == 1)
                 mark(7); /* y stored */
         }
     }
-    if constexpr (XREG)
-        if (KS > 1)
-            cluster_sum_store();
+    if (KS > 1)
+        cluster_sum_store();
 #endif
+}
+
+/* k of a stage: Kl in equal whole-quad-group stages of at most cap */
+static inline int64_t stream_ksl(int64_t Kl, int64_t cap, int64_t q) {
+    const int64_t J = (Kl + cap - 1) / cap;
+    return ((Kl + J - 1) / J + q - 1) / q * q;
 }
 
 /* The layout of linear4_stream for (M, K, group), or false where it does not apply:
@@ -686,7 +715,7 @@ static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, i
     if (dev.cc < 90 || M > 8 * nt || K % ksplit != 0 || Kl % q != 0)
         return false;
     L->ksplit = ksplit;
-    L->xs = (int)(2 * K + 16);
+    L->xs = (int)(2 * Kl + 16); /* a block stages its slice of the tokens */
     L->off_red = 256 + 256 * 256; /* after the 64 KB decode table */
     L->off_x = L->off_red + 2 * cw * 8 * nt * 16 * 4;
     L->off_part = L->off_x + (xreg ? 0 : (int)(M * L->xs));
@@ -695,13 +724,16 @@ static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, i
     int64_t S = 0;
     /* shorter stages (down to 1024 k) where 3 do not fit; XREG: the whole slice */
     for (int64_t cap = xreg ? Kl : STREAM_KSL;; cap /= 2) {
-        int64_t J = (Kl + cap - 1) / cap;
-        const int64_t ksl = ((Kl + J - 1) / J + q - 1) / q * q;
-        J = (Kl + ksl - 1) / ksl;
+        const int64_t ksl = stream_ksl(Kl, cap, q), J = (Kl + ksl - 1) / ksl;
         L->ksl = (int)ksl;
         L->J = (int)J;
         L->rs = (int)(ksl / 2 + 4 * bytes);
-        L->as = (int)((ksl >> lg) + 4);
+        /* a stage of whole rows (one stage a tile, no split) takes its 16 rows' absmax,
+         * contiguous in memory, in one copy, unpadded: a bulk copy costs ~55 cycles of the
+         * SM's copy engine whatever its size, and 16 absmax rows a stage took 25% of the
+         * stream's time at 3072 -> 12288 (run 91) */
+        L->ab_whole = J == 1 && ksplit == 1 && knob(KNOB_STREAM_AB) != 1;
+        L->as = (int)((ksl >> lg) + (L->ab_whole ? 0 : 4));
         L->stage_bytes = 16 * L->rs + 64 * L->as;
         S = room > 0 ? room / L->stage_bytes : 0;
         if (xreg || S >= 3 || cap / 2 < 1024 || cap / 2 < q)
@@ -718,6 +750,29 @@ static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, i
     return true;
 }
 
+/* K split over a cluster of KS blocks, each a K / KS slice of the same rows, their sums
+ * added through distributed shared memory: the smallest KS (1, 2, 4, 8) that divides K into
+ * whole groups and, with tokens in registers (max_chunks > 0), keeps a slice within a
+ * warp's chunks; a forced KS (knob split_k, 1-8) where it fits. 0: none fits. A larger KS
+ * does not even out the blocks' work: a stage costs about the same whatever its length
+ * (2 x 12 stages of half the k took 1.9x the time of 12 whole ones at 3072 -> 12288,
+ * run 90), so more, shorter tiles are slower; the tokens staged take a split only where it
+ * lengthens their stages (run_stream_variant). */
+static int stream_split(int64_t K, int lg, int ck, int max_chunks, int *forced_out) {
+    const int64_t q = int64_t(4) << lg;
+    auto fits = [&](int ks) {
+        return K % ks == 0 && (K / ks) % q == 0 && (max_chunks == 0 || K / ks / ck <= max_chunks);
+    };
+    const int forced = knob(KNOB_SPLIT_K);
+    *forced_out = forced >= 1 && forced <= 8 && fits(forced);
+    if (*forced_out)
+        return forced;
+    for (int ks = 1; ks <= 8; ks *= 2)
+        if (fits(ks))
+            return ks;
+    return 0;
+}
+
 template <typename T, int BYTES, int NT, bool XREG, int CW = stream_cw(XREG)>
 static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax,
                               const T *bias, T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook,
@@ -725,28 +780,40 @@ static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *
     constexpr int CK = 8 * BYTES;
     if (!aligned16(x) || !aligned16(packed) || !aligned16(absmax))
         return CQ_EUNSUPPORTED;
-    /* XREG: split K over a cluster of KS blocks until a slice is at most 48 chunks */
-    int KS = 1;
-    if (XREG) {
-        while (KS <= 8 && (K % KS != 0 || (K / KS) % (4 << lg) != 0 || K / KS / CK > (int64_t)STREAM_XCPW * CW))
-            KS *= 2;
-        const int forced = knob(KNOB_SPLIT_K);
-        if (forced > 1 && forced <= 8 && K % forced == 0 && (K / forced) % (4 << lg) == 0 &&
-            K / forced / CK <= (int64_t)STREAM_XCPW * CW)
-            KS = forced;
-        if (KS > 8)
-            return CQ_EUNSUPPORTED;
-    }
+    int forced = 0;
+    int KS = stream_split(K, lg, CK, XREG ? STREAM_XCPW * CW : 0, &forced);
+    if (KS == 0)
+        return CQ_EUNSUPPORTED;
     const int64_t octets = (N + 7) / 8;
-    int64_t groups = dev.sms / KS;
-    groups = groups < octets ? groups : octets;
+    int64_t groups = 0;
     StreamLayout L;
     int smem = 0;
     auto layout = [&] { /* tiles: a group's at most */
         return stream_layout(dev, M, K, lg, CW, BYTES, NT, XREG, KS, ((octets + groups - 1) / groups + 1) / 2, &L,
                              &smem);
     };
-    if (!layout())
+    auto layout_for = [&](int ks) {
+        KS = ks;
+        groups = dev.sms / KS < octets ? dev.sms / KS : octets;
+        return layout();
+    };
+    bool ok = layout_for(KS);
+    /* tokens staged: where they leave room for short stages only (or none), a split that
+     * stages a slice of them and lengthens the stages (4 tokens at 12288 -> 3072: 2048-k
+     * stages 18.5 us, a split in 2 14.3 us, run 89) */
+    if (!XREG && !forced) {
+        const int64_t q = int64_t(4) << lg;
+        int best = ok ? KS : 0, best_ksl = ok ? L.ksl : 0;
+        for (int ks = 2 * KS; ks <= 8 && (best == 0 || best_ksl < stream_ksl(K / best, STREAM_KSL, q)); ks *= 2)
+            if (K % ks == 0 && (K / ks) % q == 0 && layout_for(ks) && L.ksl > best_ksl) {
+                best = ks;
+                best_ksl = L.ksl;
+            }
+        if (best == 0)
+            return CQ_EUNSUPPORTED;
+        ok = layout_for(best);
+    }
+    if (!ok)
         return CQ_EUNSUPPORTED;
     auto kernel = linear4_stream<T, BYTES, NT, XREG, CW>;
     static unsigned long long smem_set; /* bit per device: the limit is the card's, once */
@@ -779,16 +846,24 @@ static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *
     return check_launch("linear_4bit (streamed)");
 }
 
-/* 1-8 tokens staged whole in shared memory where they fit (K <= 4096 at 8 tokens), else,
- * and for 9-16 tokens (group 64 or less: at most 8 BYTES registers of them), tokens in
- * registers, with K split over a cluster where a row has more than 48 chunks. Knob
- * stream_xreg = 1 forces the staged tokens, 2 the registers. */
+/* 1-8 tokens: in registers where a row is at most 48 chunks, else staged in shared memory
+ * (their slice of K, split over a cluster where whole they leave short stages only), else
+ * in registers with K split over a cluster; 9-16 tokens (group 64 or less: at most 8 BYTES
+ * registers of them): in registers. Knob stream_xreg = 1 forces the staged tokens, 2 the
+ * registers. */
 template <typename T, int BYTES>
 static int run_stream_bytes(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax,
                             const T *bias, T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook,
                             cudaStream_t stream) {
     const int mode = knob(KNOB_STREAM_XREG);
     int st = CQ_EUNSUPPORTED;
+    /* rows of at most 48 chunks (no K split): tokens in registers first (16 warps; 3-20%
+     * faster than staged at 1-8 tokens and K = 3072, run 92) */
+    if (mode == 0 && M <= 8 && K / (8 * BYTES) <= (int64_t)STREAM_XCPW * stream_cw(true)) {
+        st = run_stream_variant<T, BYTES, 1, true>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
+        if (st != CQ_EUNSUPPORTED)
+            return st;
+    }
     if (mode != 2 && M <= 8)
         st = run_stream_variant<T, BYTES, 1, false>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
     if (st != CQ_EUNSUPPORTED || mode == 1)
