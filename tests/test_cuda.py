@@ -298,7 +298,7 @@ def stream_plan(M, N, K, group, tokens_in_registers, forced_split=0, absmax_rows
         while True:
             ksl = stage_k(Kl, cap)
             J = -(-Kl // ksl)
-            whole = J == 1 and ks == 1 and not absmax_rows  # the stage's absmax unpadded, one copy
+            whole = J == 1 and ks == 1 and nt == 1 and not absmax_rows  # the stage's absmax in one copy
             stages = room // (16 * (ksl // 2 + 4 * nbytes) + 64 * (ksl // group + (0 if whole else 4)))
             if tokens_in_registers or stages >= 3 or cap // 2 < 1024 or cap // 2 < q:
                 break

@@ -321,8 +321,9 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * each a slice of K) streams a contiguous run of 8-row octets of W, whole rows (the octets
  * of the weight are one contiguous run of bytes, and so are their absmax), through a ring
  * of shared-memory stages filled by the bulk copy engine. One producer warp issues a stage
- * (16 rows x up to 4096 k) as 32 row copies (16 weight rows padded by one chunk's bytes
- * and 16 absmax rows padded by 16 bytes, so that the fragment loads are conflict-free);
+ * (16 rows x up to 4096 k) as 16 weight row copies (rows padded by one chunk's bytes, so
+ * that the fragment loads are conflict-free) and the rows' absmax: one copy where a stage
+ * is whole rows of 1-8 tokens (ab_whole), else 16 rows padded by 16 bytes;
  * 8 consumer warps (16 with XREG) split each stage's k between them and meet once a
  * 16-row tile in shared memory (added in warp order: deterministic). Every consumer
  * thread releases a stage it has read (compute-sanitizer's racecheck flagged the reuse of
@@ -359,7 +360,9 @@ struct StreamLayout {
     int rs;          /* bytes between staged weight rows: ksl / 2 + 4 BYTES (16 bytes of padding
                         left the 8- and 16-byte fragment loads 2-way conflicted: run 30) */
     int as;          /* floats between staged absmax rows: ksl / group, + 4 unless ab_whole */
-    int ab_whole;    /* a stage is whole rows (J = 1, ksplit = 1): its absmax in one copy */
+    int ab_whole;    /* a stage is whole rows (J = 1, ksplit = 1), 1-8 tokens: its absmax in one
+                        copy, unpadded (its reads 4-way conflicted; 16 tokens, decode-bound,
+                        were no faster with it: run 95) */
     int xs;          /* bytes between staged token rows: 2 K / ksplit + 16 */
     int off_red;     /* partial sums [2][CW][8 NT tokens][16 rows] floats (after the 64 KB table) */
     int off_x;       /* tokens [M][xs bytes] (none with XREG) */
@@ -367,11 +370,6 @@ struct StreamLayout {
     int stage_bytes;
     int ksplit;      /* blocks of a cluster, each a K / ksplit slice of the same rows */
     int off_part;    /* ksplit > 1: the block's sums [tiles][16 tokens][16 rows] floats */
-};
-
-template <bool B>
-struct BoolConst {
-    static constexpr bool value = B;
 };
 
 /* Byte B of w as the offset of its entry in linear4_stream's decode table (entry * 256 +
@@ -501,7 +499,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                     const int64_t e = n * K + k_off + k0; /* first element of the row's slice */
                     if (lane < 16)
                         bulk_load(s_addr(sb + row * L.rs), packed + (e >> 1), (uint32_t)(kl / 2), full(s));
-                    else if (abytes && L.ab_whole) { /* rows 0 .. rows - 1: one copy */
+                    else if (NT == 1 && abytes && L.ab_whole) { /* rows 0 .. rows - 1: one copy */
                         if (lane == 16)
                             bulk_load(s_addr(sb + 16 * L.rs), absmax + (e >> log2_group), (uint32_t)(rows * abytes),
                                       full(s));
@@ -571,8 +569,6 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     uint32_t phase = 0;
     for (int tile = 0; tile < tiles; tile++, rb ^= 1) {
         float acc[NT][4] = {};
-        const bool half_tile = 2 * tile + 1 >= n_oct; /* one octet: 384 octets on 132 SMs are 3 a
-                                                         block, 1.5 tiles' decode instead of 2 */
         for (int j = 0; j < L.J; j++) {
             const int64_t k0 = (int64_t)j * L.ksl;
             const int kl = Kl - k0 < L.ksl ? (int)(Kl - k0) : L.ksl;
@@ -584,17 +580,13 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             mbar_wait(full(s), phase);
             if (threadIdx.x == 0 && tile == 0 && j == 0)
                 mark(5); /* first stage in */
-            /* one chunk: decode 16 rows x CK k once, an MMA chain a token tile; HALF: rows
-             * 8-15 are past the block's octets (its last tile of an odd count), so only
-             * rows 0-7 are read and decoded, rows 8-15 multiply zeros */
-            auto chunk = [&](int c, const uint32_t (&xv)[NT][BYTES], auto half) {
-                constexpr bool HALF = decltype(half)::value;
-                uint32_t wa[WORDS], wb[WORDS] = {};
+            /* one chunk: decode 16 rows x CK k once, an MMA chain a token tile */
+            auto chunk = [&](int c, const uint32_t (&xv)[NT][BYTES]) {
+                uint32_t wa[WORDS], wb[WORDS];
                 load_words_smem<BYTES>(w0 + c * CB, wa);
-                if (!HALF)
-                    load_words_smem<BYTES>(w1 + c * CB, wb);
+                load_words_smem<BYTES>(w1 + c * CB, wb);
                 const int g = (c * CK) >> log2_group;
-                const float am0 = ab0[g], am1 = HALF ? 0.0f : ab1[g];
+                const float am0 = ab0[g], am1 = ab1[g];
                 /* one chain of MMAs a chunk and token tile: two chains (linear4_staged's)
                  * cost an FADD per accumulator and were no faster here, where 16 warps hid
                  * the latency (run 30) */
@@ -605,11 +597,11 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                     uint32_t a[4];
                     a[0] = *reinterpret_cast<const uint32_t *>(
                         lut_bytes + ((q & 1) ? lut256_offset<2>(ua, lane4) : lut256_offset<0>(ua, lane4)));
-                    a[1] = HALF ? 0u : *reinterpret_cast<const uint32_t *>(
+                    a[1] = *reinterpret_cast<const uint32_t *>(
                         lut_bytes + ((q & 1) ? lut256_offset<2>(ub, lane4) : lut256_offset<0>(ub, lane4)));
                     a[2] = *reinterpret_cast<const uint32_t *>(
                         lut_bytes + ((q & 1) ? lut256_offset<3>(ua, lane4) : lut256_offset<1>(ua, lane4)));
-                    a[3] = HALF ? 0u : *reinterpret_cast<const uint32_t *>(
+                    a[3] = *reinterpret_cast<const uint32_t *>(
                         lut_bytes + ((q & 1) ? lut256_offset<3>(ub, lane4) : lut256_offset<1>(ub, lane4)));
 #pragma unroll
                     for (int nt = 0; nt < NT; nt++)
@@ -627,12 +619,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             if constexpr (XREG) {
 #pragma unroll
                 for (int cc = 0; cc < STREAM_XCPW; cc++)
-                    if (c_lo + cc < c_hi && !probe_loads) {
-                        if (half_tile)
-                            chunk(c_lo + cc, xr[cc], BoolConst<true>{});
-                        else
-                            chunk(c_lo + cc, xr[cc], BoolConst<false>{});
-                    }
+                    if (c_lo + cc < c_hi && !probe_loads)
+                        chunk(c_lo + cc, xr[cc]);
             } else {
 #pragma unroll 2
                 for (int c = c_lo; c < (probe_loads ? c_lo : c_hi); c++) {
@@ -643,10 +631,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                                              : make_uint4(0, 0, 0, 0);
                         xv[0][i] = u.x; xv[0][i + 1] = u.y; xv[0][i + 2] = u.z; xv[0][i + 3] = u.w;
                     }
-                    if (half_tile)
-                        chunk(c, xv, BoolConst<true>{});
-                    else
-                        chunk(c, xv, BoolConst<false>{});
+                    chunk(c, xv);
                 }
             }
             mbar_arrive(empty(s)); /* this thread's reads of the stage are done */
@@ -731,8 +716,8 @@ static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, i
         /* a stage of whole rows (one stage a tile, no split) takes its 16 rows' absmax,
          * contiguous in memory, in one copy, unpadded: a bulk copy costs ~55 cycles of the
          * SM's copy engine whatever its size, and 16 absmax rows a stage took 25% of the
-         * stream's time at 3072 -> 12288 (run 91) */
-        L->ab_whole = J == 1 && ksplit == 1 && knob(KNOB_STREAM_AB) != 1;
+         * stream's time at 3072 -> 12288 (run 93) */
+        L->ab_whole = J == 1 && ksplit == 1 && nt == 1 && knob(KNOB_STREAM_AB) != 1;
         L->as = (int)((ksl >> lg) + (L->ab_whole ? 0 : 4));
         L->stage_bytes = 16 * L->rs + 64 * L->as;
         S = room > 0 ? room / L->stage_bytes : 0;
@@ -755,9 +740,9 @@ static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, i
  * whole groups and, with tokens in registers (max_chunks > 0), keeps a slice within a
  * warp's chunks; a forced KS (knob split_k, 1-8) where it fits. 0: none fits. A larger KS
  * does not even out the blocks' work: a stage costs about the same whatever its length
- * (2 x 12 stages of half the k took 1.9x the time of 12 whole ones at 3072 -> 12288,
- * run 90), so more, shorter tiles are slower; the tokens staged take a split only where it
- * lengthens their stages (run_stream_variant). */
+ * (12 stages of half the k took 1.9x the time of 6 whole ones at 3072 -> 12288,
+ * runs 89-92), so more, shorter tiles are slower; the tokens staged take a split only where
+ * it lengthens their stages (run_stream_variant). */
 static int stream_split(int64_t K, int lg, int ck, int max_chunks, int *forced_out) {
     const int64_t q = int64_t(4) << lg;
     auto fits = [&](int ks) {
@@ -857,8 +842,8 @@ static int run_stream_bytes(const DeviceInfo &dev, const T *x, const uint8_t *pa
                             cudaStream_t stream) {
     const int mode = knob(KNOB_STREAM_XREG);
     int st = CQ_EUNSUPPORTED;
-    /* rows of at most 48 chunks (no K split): tokens in registers first (16 warps; 3-20%
-     * faster than staged at 1-8 tokens and K = 3072, run 92) */
+    /* rows of at most 48 chunks (no K split): tokens in registers first (16 warps; 2-20%
+     * faster than staged at 1-8 tokens and K = 3072, runs 95 and 100) */
     if (mode == 0 && M <= 8 && K / (8 * BYTES) <= (int64_t)STREAM_XCPW * stream_cw(true)) {
         st = run_stream_variant<T, BYTES, 1, true>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
         if (st != CQ_EUNSUPPORTED)
