@@ -368,9 +368,10 @@ def test_linear_4bit_streamed(case, dtype, codebook):
 
 
 # (M, N, K, group, split): K split over a cluster with the tokens staged (each block stages
-# its slice of them): one stage a slice, several (8 tokens at K = 12288: 1024-k stages),
-# odd N and partial octets, a cluster of 8 with one tile, and the automatic choice (0)
-# where the tokens leave short stages only (4 and 8 tokens at K = 12288: a split in 2)
+# its slice of them): one stage a slice, several (8 tokens at K = 12288 in 2: 2048-k
+# stages), odd N and partial octets, a cluster of 8 with one tile, and the automatic
+# choice (0) where whole tokens leave short stages only (4 and 8 tokens at K = 12288: a
+# split in 2 and in 4)
 STREAM_SPLIT_CASES = [(1, 3072, 3072, 64, 2), (8, 1031, 12288, 64, 2), (3, 300, 6144, 128, 4),
                       (2, 129, 8192, 32, 8), (5, 24, 1024, 64, 2), (4, 3072, 12288, 64, 0),
                       (8, 1031, 12288, 64, 0), (7, 2000, 4096, 256, 2)]
@@ -380,7 +381,8 @@ STREAM_SPLIT_CASES = [(1, 3072, 3072, 64, 2), (8, 1031, 12288, 64, 2), (3, 300, 
 def test_linear_4bit_streamed_k_split_tokens_staged(case):
     """The streamed kernel with its tokens staged and K split over a cluster (forced by
     knob split_k, or 0: the automatic choice): against the reference and the staged
-    kernel, as test_linear_4bit_streamed; the split must be the one that runs."""
+    kernel, as test_linear_4bit_streamed. The split is the layout mirror's (stream_plan):
+    forced, it must be taken; automatic, these cases must split."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the streamed kernel needs sm_90")
     M, N, K, group, split = case

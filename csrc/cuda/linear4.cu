@@ -336,7 +336,8 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * Why (runs 5-9 and 20 of docs/CUDA_NOTES.md): linear4_staged streams short K slices with
  * cp.async, 2 stages deep, and waits about one memory latency a stage; here 3-8 stages are
  * in flight an SM, issued by one thread, and there is no split-K between blocks but that
- * of a cluster (stream_split). What bounds it now is the consumers' decode (runs 28-31, 40). */
+ * of a cluster (stream_split). What bounds it now: a stage's fixed cost (~2400 cycles
+ * whatever its length) and the decode's latency chain (runs 91-96 of docs/CUDA_NOTES.md). */
 /* Tokens in registers (XREG): where a tile is one stage (at most 48 chunks of K, K split
  * over a cluster of 2-8 blocks where a row is longer), a consumer warp works on the same
  * chunks of every tile, so it loads their B fragments from global memory once, at the
