@@ -361,9 +361,6 @@ struct StreamLayout {
     int rs;          /* bytes between staged weight rows: ksl / 2 + 4 BYTES (16 bytes of padding
                         left the 8- and 16-byte fragment loads 2-way conflicted: run 30) */
     int as;          /* floats between staged absmax rows: ksl / group, + 4 unless ab_whole */
-    int ab_whole;    /* a stage is whole rows (J = 1, ksplit = 1), 1-8 tokens: its absmax in one
-                        copy, unpadded (its reads 4-way conflicted; 16 tokens, decode-bound,
-                        were no faster with it: run 95) */
     int xs;          /* bytes between staged token rows: 2 K / ksplit + 16 */
     int off_red;     /* partial sums [2][CW][8 NT tokens][16 rows] floats (after the 64 KB table) */
     int off_x;       /* tokens [M][xs bytes] (none with XREG) */
@@ -371,6 +368,13 @@ struct StreamLayout {
     int stage_bytes;
     int ksplit;      /* blocks of a cluster, each a K / ksplit slice of the same rows */
     int off_part;    /* ksplit > 1: the block's sums [tiles][16 tokens][16 rows] floats */
+    /* last: with it between `as` and `xs`, nvcc 13 (sm_90a) kept the 16-token kernel's shared
+     * base in a vector register and added it to each decode-table load (an IMAD a load,
+     * 52 more; the lookups lost their [R + UR] form): 16 tokens 2-5% slower, runs 99-101.
+     * Check the SASS (cuobjdump -sass) after changing this struct. */
+    int ab_whole;    /* a stage is whole rows (J = 1, ksplit = 1), 1-8 tokens: its absmax in one
+                        copy, unpadded (its reads 4-way conflicted; 16 tokens, decode-bound,
+                        were no faster with it: run 95) */
 };
 
 /* Byte B of w as the offset of its entry in linear4_stream's decode table (entry * 256 +
