@@ -371,7 +371,7 @@ struct StreamLayout {
     /* last: with it between `as` and `xs`, nvcc 13 (sm_90a) kept the 16-token kernel's shared
      * base in a vector register and added it to each decode-table load (an IMAD a load,
      * 52 more; the lookups lost their [R + UR] form): 16 tokens 2-5% slower, runs 99-101.
-     * Check the SASS (cuobjdump -sass) after changing this struct. */
+     * tests/test_sass.py checks the loads' form in CI. */
     int ab_whole;    /* a stage is whole rows (J = 1, ksplit = 1), 1-8 tokens: its absmax in one
                         copy, unpadded (its reads 4-way conflicted; 16 tokens, decode-bound,
                         were no faster with it: run 95) */
