@@ -329,29 +329,24 @@ def stream_fits(M, N, K, group, tokens_in_registers, forced_split=0, absmax_rows
     return stream_plan(M, N, K, group, tokens_in_registers, forced_split, absmax_rows) is not None
 
 
-@pytest.mark.parametrize("case", STREAM_CASES, ids=str)
-@pytest.mark.parametrize("dtype,codebook", [(torch.bfloat16, "nf4"), (torch.float16, "fp4")])
-def test_linear_4bit_streamed(case, dtype, codebook):
-    """The sm_90 streamed kernel, forced (knob 3 refuses rather than falling back), with
-    its tokens staged in shared memory and in registers (forced in turn; each refuses
-    what it cannot take): the same result as the staged kernel up to float32 summation
-    order, and against the reference (error measured against the size of the products:
-    one output can be a near-zero sum)."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the streamed kernel needs sm_90")
+def streamed_variants(case, dtype, codebook, runs):
+    """A random 4-bit linear case (M, N, K, group) through linear_4bit_raw once per run
+    (name, knobs forced, fits; fits False: it must refuse); every output against the
+    reference (error measured against the size of the products: one output can be a
+    near-zero sum) and against the first run's. The outputs that ran, by name."""
     M, N, K, group = case
     w, packed, absmax, x, bias, ref = linear_4bit_case(M, N, K, group, codebook, dtype, N % 2)
     xd, pd, ad = x.to(DEV), packed.to(DEV), absmax.to(DEV)
     bd = None if bias is None else bias.to(DEV)
     mag = x.float().abs() @ w.abs().t() + (0.0 if bias is None else bias.float().abs()) + 1e-3
     outs = {}
-    for name, path, tokens, ab in (("staged kernel", 2, 0, 0), ("streamed, tokens staged", 3, 1, 0),
-                                   ("streamed, tokens in registers", 3, 2, 0),
-                                   ("streamed, absmax row by row", 3, 1, 1)):
+    for name, knobs, fits in runs:
         poison()
         y = torch.empty(M, N, dtype=dtype, device=DEV)
-        with variant("linear_4bit", path), variant("stream_xreg", tokens), variant("stream_ab", ab):
-            if tokens and not stream_fits(M, N, K, group, tokens == 2, absmax_rows=ab == 1):
+        with contextlib.ExitStack() as forced:
+            for k, v in knobs.items():
+                forced.enter_context(variant(k, v))
+            if not fits:
                 with pytest.raises(NotImplementedError, match="no kernel"):
                     linear_4bit_raw(xd, pd, ad, bd, y, group, codebook)
                 continue
@@ -359,12 +354,32 @@ def test_linear_4bit_streamed(case, dtype, codebook):
         torch.cuda.synchronize()
         outs[name] = y
         assert ((y.float().cpu() - ref).abs() / mag).max().item() < tol(dtype), (name, case)
-    assert len(outs) >= 2, ("no streamed variant ran", case)
     # same decode and products, sums in another order: within a few float32 roundings of
     # y's magnitude, far below the bf16/f16 rounding of y itself
     scale = ref.abs().max().item() + 1.0
+    first = outs[runs[0][0]]
     for name, y in outs.items():
-        assert (y.float() - outs["staged kernel"].float()).abs().max().item() <= 2 ** -6 * scale, (name, case)
+        assert (y.float() - first.float()).abs().max().item() <= 2 ** -6 * scale, (name, case)
+    return outs
+
+
+@pytest.mark.parametrize("case", STREAM_CASES, ids=str)
+@pytest.mark.parametrize("dtype,codebook", [(torch.bfloat16, "nf4"), (torch.float16, "fp4")])
+def test_linear_4bit_streamed(case, dtype, codebook):
+    """The sm_90 streamed kernel, forced (knob 3 refuses rather than falling back), with
+    its tokens staged in shared memory and in registers, and its absmax copied row by row
+    (forced in turn; each refuses what it cannot take): the same result as the staged
+    kernel up to float32 summation order, and against the reference."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the streamed kernel needs sm_90")
+    M, N, K, group = case
+    runs = [("staged kernel", {"linear_4bit": 2}, True)]
+    for name, tokens, ab in (("streamed, tokens staged", 1, 0), ("streamed, tokens in registers", 2, 0),
+                             ("streamed, absmax row by row", 1, 1)):
+        runs.append((name, {"linear_4bit": 3, "stream_xreg": tokens, "stream_ab": ab},
+                     stream_fits(M, N, K, group, tokens == 2, absmax_rows=ab == 1)))
+    outs = streamed_variants(case, dtype, codebook, runs)
+    assert len(outs) >= 2, ("no streamed variant ran", case)
 
 
 # (M, N, K, group, split): K split over a cluster with the tokens staged (each block stages
@@ -391,22 +406,9 @@ def test_linear_4bit_streamed_k_split_tokens_staged(case):
     # forced: taken; automatic: a split on a card with the H100/H200's shared memory
     big = torch.cuda.get_device_properties(0).shared_memory_per_block_optin >= 227 * 1024
     assert plan[0] == split or (split == 0 and (plan[0] > 1 or not big)), (plan, case)
-    dtype = torch.bfloat16
-    w, packed, absmax, x, bias, ref = linear_4bit_case(M, N, K, group, "nf4", dtype, N % 2)
-    xd, pd, ad = x.to(DEV), packed.to(DEV), absmax.to(DEV)
-    bd = None if bias is None else bias.to(DEV)
-    mag = x.float().abs() @ w.abs().t() + (0.0 if bias is None else bias.float().abs()) + 1e-3
-    outs = {}
-    for name, path, tokens, ks in (("staged kernel", 2, 0, 0), ("streamed, K split", 3, 1, split)):
-        poison()
-        y = torch.empty(M, N, dtype=dtype, device=DEV)
-        with variant("linear_4bit", path), variant("stream_xreg", tokens), variant("split_k", ks):
-            linear_4bit_raw(xd, pd, ad, bd, y, group, "nf4")
-        torch.cuda.synchronize()
-        outs[name] = y
-        assert ((y.float().cpu() - ref).abs() / mag).max().item() < tol(dtype), (name, case)
-    scale = ref.abs().max().item() + 1.0
-    assert (outs["streamed, K split"].float() - outs["staged kernel"].float()).abs().max().item() <= 2 ** -6 * scale
+    streamed_variants((M, N, K, group), torch.bfloat16, "nf4",
+                      [("staged kernel", {"linear_4bit": 2}, True),
+                       ("streamed, K split", {"linear_4bit": 3, "stream_xreg": 1, "split_k": split}, True)])
 
 
 def test_linear_4bit_streamed_refuses_what_it_cannot_run():

@@ -748,11 +748,14 @@ static bool stream_layout(const DeviceInfo &dev, int64_t M, int64_t K, int lg, i
  * (12 stages of half the k took 1.9x the time of 6 whole ones at 3072 -> 12288,
  * runs 89-92), so more, shorter tiles are slower; the tokens staged take a split only where
  * it lengthens their stages (run_stream_variant). */
-static int stream_split(int64_t K, int lg, int ck, int max_chunks, int *forced_out) {
+/* KS divides K into whole groups of 4 (bulk copies) and, with max_chunks > 0, leaves a slice
+ * of at most max_chunks chunks of ck k */
+static bool stream_split_fits(int64_t K, int lg, int ck, int max_chunks, int ks) {
     const int64_t q = int64_t(4) << lg;
-    auto fits = [&](int ks) {
-        return K % ks == 0 && (K / ks) % q == 0 && (max_chunks == 0 || K / ks / ck <= max_chunks);
-    };
+    return K % ks == 0 && (K / ks) % q == 0 && (max_chunks == 0 || K / ks / ck <= max_chunks);
+}
+static int stream_split(int64_t K, int lg, int ck, int max_chunks, int *forced_out) {
+    auto fits = [&](int ks) { return stream_split_fits(K, lg, ck, max_chunks, ks); };
     const int forced = knob(KNOB_SPLIT_K);
     *forced_out = forced >= 1 && forced <= 8 && fits(forced);
     if (*forced_out)
@@ -795,7 +798,7 @@ static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *
         const int64_t q = int64_t(4) << lg;
         int best = ok ? KS : 0, best_ksl = ok ? L.ksl : 0;
         for (int ks = 2 * KS; ks <= 8 && (best == 0 || best_ksl < stream_ksl(K / best, STREAM_KSL, q)); ks *= 2)
-            if (K % ks == 0 && (K / ks) % q == 0 && layout_for(ks) && L.ksl > best_ksl) {
+            if (stream_split_fits(K, lg, CK, 0, ks) && layout_for(ks) && L.ksl > best_ksl) {
                 best = ks;
                 best_ksl = L.ksl;
             }
@@ -849,7 +852,7 @@ static int run_stream_bytes(const DeviceInfo &dev, const T *x, const uint8_t *pa
     int st = CQ_EUNSUPPORTED;
     /* rows of at most 48 chunks (no K split): tokens in registers first (16 warps; 2-20%
      * faster than staged at 1-8 tokens and K = 3072, runs 95 and 100) */
-    if (mode == 0 && M <= 8 && K / (8 * BYTES) <= (int64_t)STREAM_XCPW * stream_cw(true)) {
+    if (mode == 0 && M <= 8 && stream_split_fits(K, lg, 8 * BYTES, STREAM_XCPW * stream_cw(true), 1)) {
         st = run_stream_variant<T, BYTES, 1, true>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
         if (st != CQ_EUNSUPPORTED)
             return st;
