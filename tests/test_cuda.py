@@ -256,7 +256,7 @@ def test_linear_4bit_skinny_batches(group, K, split):
 # with a shorter last one (K = 12544: 3 stages of 3328 and one of 2560), 8-row tail tiles
 # (an odd number of octets a block) and partial ones (N % 8), fewer octets than SMs and
 # several tiles a block, 1-16 tokens (9-16: two token tiles, tokens in registers), every
-# chunk width (group 32, 64, 128 and 256), warps with 0-3 chunks (tokens in registers), K
+# chunk width (group 32, 64, 128 and 256), warps with 0-6 chunks (tokens in registers), K
 # split over clusters of 2, 4 and 8 (tokens in registers, a row over 48 chunks)
 STREAM_CASES = [(1, 3072, 3072, 64), (1, 1, 256, 64), (2, 13, 512, 32), (8, 2000, 1024, 64),
                 (2, 1031, 12544, 64), (7, 40, 2048, 128), (8, 1100, 3072, 64), (1, 300, 4096, 256),
@@ -279,7 +279,7 @@ def stream_plan(M, N, K, group, tokens_in_registers, forced_split=0, absmax_rows
 
     def fits(ks):
         return K % ks == 0 and (K // ks) % q == 0 and (
-            not tokens_in_registers or K // ks // (8 * nbytes) <= 3 * 16)
+            not tokens_in_registers or K // ks // (8 * nbytes) <= 48)
 
     def stage_k(Kl, cap):
         J = -(-Kl // cap)
@@ -290,7 +290,7 @@ def stream_plan(M, N, K, group, tokens_in_registers, forced_split=0, absmax_rows
         groups = min(props.multi_processor_count // ks, octets)
         tiles = (-(-octets // groups) + 1) // 2
         nt = 2 if M > 8 else 1
-        cw = 16 if tokens_in_registers else 8  # consumer warps (stream_cw)
+        cw = 8  # consumer warps (stream_cw)
         off_part = 256 + 65536 + 2 * cw * 8 * nt * 16 * 4 + (0 if tokens_in_registers else M * (2 * Kl + 16))
         off_st = -(-(off_part + (tiles * 1024 if ks > 1 else 0)) // 128) * 128
         room = props.shared_memory_per_block_optin - off_st

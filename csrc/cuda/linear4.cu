@@ -324,7 +324,7 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * (16 rows x up to 4096 k) as 16 weight row copies (rows padded by one chunk's bytes, so
  * that the fragment loads are conflict-free) and the rows' absmax: one copy where a stage
  * is whole rows of 1-8 tokens (ab_whole), else 16 rows padded by 16 bytes;
- * 8 consumer warps (16 with XREG) split each stage's k between them and meet once a
+ * 8 consumer warps split each stage's k between them and meet once a
  * 16-row tile in shared memory (added in warp order: deterministic). Every consumer
  * thread releases a stage it has read (compute-sanitizer's racecheck flagged the reuse of
  * a stage released by lane 0 after __syncwarp: docs/CUDA_NOTES.md, runs 42-44).
@@ -342,14 +342,17 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * over a cluster of 2-8 blocks where a row is longer), a consumer warp works on the same
  * chunks of every tile, so it loads their B fragments from global memory once, at the
  * start, instead of from staged tokens every chunk: no tokens in shared memory, and 9-16
- * tokens (NT = 2 tiles of 8) fit beside the stages. At most STREAM_XCPW chunks a warp:
- * 3 x BYTES x NT registers of tokens. */
-/* consumer warps with staged tokens: 8 (runs 82-83: 3-6% faster than 16 at 1-8 tokens, 4
- * between; 24 and 30 were slower than 16, run 29), and half the partial-sum buffer of 16
- * leaves room for larger stages: 4 tokens at 12288 -> 3072 32.5 -> 18.2 us. With XREG,
- * 16: fewer would split K over more blocks (at most STREAM_XCPW chunks a warp) */
-constexpr int stream_cw(bool xreg) { return xreg ? 16 : 8; }
-constexpr int STREAM_XCPW = 3;
+ * tokens (NT = 2 tiles of 8) fit beside the stages. At most STREAM_XCHUNKS / CW chunks a
+ * warp: 6 x BYTES x NT registers of tokens. */
+/* consumer warps: 8, with staged tokens (runs 82-83: 3-6% faster than 16 at 1-8 tokens, 4
+ * between; 24 and 30 were slower than 16, run 29; half the partial-sum buffer of 16 leaves
+ * room for larger stages: 4 tokens at 12288 -> 3072 32.5 -> 18.2 us) and with tokens in
+ * registers (run 106: 16 warps of 3 chunks spent ~120 of a tile's ~290 instructions a warp
+ * on the stage's and the tile's bookkeeping; 8 warps of 6 chunks halve that, and their
+ * register limit, 224 instead of 96, holds 6 chunks of 16 tokens) */
+constexpr int stream_cw(bool) { return 8; }
+constexpr int STREAM_XCHUNKS = 48; /* tokens in registers: chunks of a row's slice of K at most,
+                                      STREAM_XCHUNKS / CW a warp */
 constexpr int STREAM_MAX_STAGES = 8;
 constexpr int STREAM_KSL = 4096;     /* k of a stage at most (32 KB of 16 weight rows); 2048 or
                                         1024 where 3 stages of that do not fit */
@@ -547,11 +550,12 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     const uint32_t lane4 = (uint32_t)lane * 4u;
     /* XREG: the B fragments of this warp's chunks (a tile is one stage, so the same
      * chunks every tile), from global memory once */
-    uint32_t xr[XREG ? STREAM_XCPW : 1][NT][BYTES];
+    constexpr int XCPW = XREG ? STREAM_XCHUNKS / CW : 1; /* a warp's chunks at most */
+    uint32_t xr[XCPW][NT][BYTES];
     if constexpr (XREG) {
         const int chunks = (int)(Kl / CK), c_lo = warp * chunks / CW, c_hi = (warp + 1) * chunks / CW;
 #pragma unroll
-        for (int cc = 0; cc < STREAM_XCPW; cc++)
+        for (int cc = 0; cc < XCPW; cc++)
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
                 const int m = r + 8 * nt, c = c_lo + cc;
@@ -574,9 +578,12 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     uint32_t phase = 0;
     for (int tile = 0; tile < tiles; tile++, rb ^= 1) {
         float acc[NT][4] = {};
-        for (int j = 0; j < L.J; j++) {
+        /* with tokens in registers a tile is one stage of the whole slice: its bounds are
+         * the same every tile (J and kl known here, so they leave the loop) */
+        const int J = XREG ? 1 : L.J;
+        for (int j = 0; j < J; j++) {
             const int64_t k0 = (int64_t)j * L.ksl;
-            const int kl = Kl - k0 < L.ksl ? (int)(Kl - k0) : L.ksl;
+            const int kl = XREG ? (int)Kl : Kl - k0 < L.ksl ? (int)(Kl - k0) : L.ksl;
             const int chunks = kl / CK, c_lo = warp * chunks / CW, c_hi = (warp + 1) * chunks / CW;
             const unsigned char *sb = st + s * L.stage_bytes;
             const unsigned char *w0 = sb + r * L.rs + t * BYTES, *w1 = w0 + 8 * L.rs;
@@ -622,10 +629,59 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             };
             const bool probe_loads = probe == 1 || probe == 2; /* probes: the stream alone */
             if constexpr (XREG) {
+                /* the warp's chunks two or three at a time, without a branch a chunk: their MMA
+                 * chains interleave (a branch a chunk kept them apart, each chunk's FFMAs
+                 * waiting out its chain before the next chunk's loads issued, run 105). A
+                 * slot past c_hi reads chunk 0 with zero tokens (xr), so its products are
+                 * exactly 0, and takes no absmax (an inf one would make 0 * inf). */
+                constexpr int IL = BYTES >= 16 ? 1 : 3; /* 16-byte chunks: 2 or 3 spilled beside 96
+                                                           registers of tokens */
+                static_assert(XCPW % IL == 0, "whole sets of chunks");
 #pragma unroll
-                for (int cc = 0; cc < STREAM_XCPW; cc++)
-                    if (c_lo + cc < c_hi && !probe_loads)
-                        chunk(c_lo + cc, xr[cc]);
+                for (int c0 = 0; c0 < XCPW; c0 += IL) {
+                    if (probe_loads || c_lo + c0 >= c_hi)
+                        break;
+                    uint32_t wa[IL][WORDS], wb[IL][WORDS];
+                    float am0[IL], am1[IL];
+#pragma unroll
+                    for (int i = 0; i < IL; i++) {
+                        const bool ok = c_lo + c0 + i < c_hi;
+                        const int c = ok ? c_lo + c0 + i : 0;
+                        load_words_smem<BYTES>(w0 + c * CB, wa[i]);
+                        load_words_smem<BYTES>(w1 + c * CB, wb[i]);
+                        const int g = (c * CK) >> log2_group;
+                        am0[i] = ok ? ab0[g] : 0.0f;
+                        am1[i] = ok ? ab1[g] : 0.0f;
+                    }
+                    float tmp[IL][NT][4] = {};
+#pragma unroll
+                    for (int q = 0; q < STEPS; q++)
+#pragma unroll
+                        for (int i = 0; i < IL; i++) {
+                            const uint32_t ua = wa[i][q >> 1], ub = wb[i][q >> 1];
+                            uint32_t a[4];
+                            a[0] = *reinterpret_cast<const uint32_t *>(
+                                lut_bytes + ((q & 1) ? lut256_offset<2>(ua, lane4) : lut256_offset<0>(ua, lane4)));
+                            a[1] = *reinterpret_cast<const uint32_t *>(
+                                lut_bytes + ((q & 1) ? lut256_offset<2>(ub, lane4) : lut256_offset<0>(ub, lane4)));
+                            a[2] = *reinterpret_cast<const uint32_t *>(
+                                lut_bytes + ((q & 1) ? lut256_offset<3>(ua, lane4) : lut256_offset<1>(ua, lane4)));
+                            a[3] = *reinterpret_cast<const uint32_t *>(
+                                lut_bytes + ((q & 1) ? lut256_offset<3>(ub, lane4) : lut256_offset<1>(ub, lane4)));
+#pragma unroll
+                            for (int nt = 0; nt < NT; nt++)
+                                mma_16816<T>(tmp[i][nt], a, xr[c0 + i][nt][2 * q], xr[c0 + i][nt][2 * q + 1]);
+                        }
+#pragma unroll
+                    for (int i = 0; i < IL; i++)
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            acc[nt][0] = fmaf(tmp[i][nt][0], am0[i], acc[nt][0]);
+                            acc[nt][1] = fmaf(tmp[i][nt][1], am0[i], acc[nt][1]);
+                            acc[nt][2] = fmaf(tmp[i][nt][2], am1[i], acc[nt][2]);
+                            acc[nt][3] = fmaf(tmp[i][nt][3], am1[i], acc[nt][3]);
+                        }
+                }
             } else {
 #pragma unroll 2
                 for (int c = c_lo; c < (probe_loads ? c_lo : c_hi); c++) {
@@ -774,7 +830,7 @@ static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *
     if (!aligned16(x) || !aligned16(packed) || !aligned16(absmax))
         return CQ_EUNSUPPORTED;
     int forced = 0;
-    int KS = stream_split(K, lg, CK, XREG ? STREAM_XCPW * CW : 0, &forced);
+    int KS = stream_split(K, lg, CK, XREG ? STREAM_XCHUNKS : 0, &forced);
     if (KS == 0)
         return CQ_EUNSUPPORTED;
     const int64_t octets = (N + 7) / 8;
@@ -850,9 +906,9 @@ static int run_stream_bytes(const DeviceInfo &dev, const T *x, const uint8_t *pa
                             cudaStream_t stream) {
     const int mode = knob(KNOB_STREAM_XREG);
     int st = CQ_EUNSUPPORTED;
-    /* rows of at most 48 chunks (no K split): tokens in registers first (16 warps; 2-20%
+    /* rows of at most 48 chunks (no K split): tokens in registers first (2-20%
      * faster than staged at 1-8 tokens and K = 3072, runs 95 and 100) */
-    if (mode == 0 && M <= 8 && stream_split_fits(K, lg, 8 * BYTES, STREAM_XCPW * stream_cw(true), 1)) {
+    if (mode == 0 && M <= 8 && stream_split_fits(K, lg, 8 * BYTES, STREAM_XCHUNKS, 1)) {
         st = run_stream_variant<T, BYTES, 1, true>(dev, x, packed, absmax, bias, y, M, N, K, lg, codebook, stream);
         if (st != CQ_EUNSUPPORTED)
             return st;

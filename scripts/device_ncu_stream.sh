@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Nsight Compute on the streamed 4-bit kernel (linear4_stream, M <= 16) on the device
+# machine, from the repository root:
+#     bash scripts/device_ncu_stream.sh "K N M [knobs]" ...
+# e.g. "3072 12288 1" "3072 12288 1 skinny_probe=3". For each case: the sections that say
+# where a warp waits (WarpStateStats, SchedulerStats, pipes, shared-memory wavefronts) and
+# the per-SASS-instruction stall samples (source page, csv). Uses .devcarry/prebuilt.
+# Output under $OUT (default ./ncu_out): ncu_<case>.txt, sass_<case>.csv.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+CARRY=${DEVCARRY:-$PWD/.devcarry}
+OUTDIR=${OUT:-$PWD/ncu_out}
+mkdir -p "$OUTDIR"
+cp "$CARRY/prebuilt/_C.abi3.so" "$CARRY/prebuilt/_cuda_kernels.so" comfy_quant_native/
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+for spec in "$@"; do
+    read -r K N M KNOBS <<<"$spec"
+    tag="${K}_${N}_m${M}${KNOBS:+_${KNOBS//[^a-z0-9]/}}"
+    rep="/tmp/stream_$tag"
+    COMFY_QUANT_CUDA_VARIANTS="${KNOBS:-}" "$NCU" --clock-control none -k regex:linear4_stream \
+        --launch-skip 20 --launch-count 1 --import-source no -f -o "$rep" \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats \
+        --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis_Tables \
+        --section SourceCounters --section LaunchStats --section Occupancy \
+        python3 bench/profile_op.py --K "$K" --N "$N" --M "$M" >/dev/null 2>"$OUTDIR/err_$tag.txt"
+    "$NCU" -i "$rep.ncu-rep" --print-details all >"$OUTDIR/ncu_$tag.txt" 2>&1
+    "$NCU" -i "$rep.ncu-rep" --page source --print-source sass --csv >"$OUTDIR/sass_$tag.csv" 2>&1
+    echo "## $spec"
+    grep -E "Duration|Elapsed Cycles|Issue Slots|Issued Ipc|No Eligible|Eligible Warps|Active Warps Per|Warp Cycles Per Issued|Stall|Shared|Bank|Pipe" \
+        "$OUTDIR/ncu_$tag.txt" | head -50
+done
