@@ -383,6 +383,12 @@ struct StreamLayout {
 /* Byte B of w as the offset of its entry in linear4_stream's decode table (entry * 256 +
  * lane * 4; entries 256 bytes apart, half of each unused, so that one PRMT places the byte,
  * where linear4_staged's 128-byte entries take a shift and a LOP3). */
+/* a count known at compile time, for a generic lambda (linear4_stream's chunk_set) */
+template <int N>
+struct Count {
+    static constexpr int value = N;
+};
+
 template <int B>
 __device__ __forceinline__ uint32_t lut256_offset(uint32_t w, uint32_t lane4) {
     return __byte_perm(lane4, w, 0x1100u | ((4u + B) << 4));
@@ -592,108 +598,97 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             mbar_wait(full(s), phase);
             if (threadIdx.x == 0 && tile == 0 && j == 0)
                 mark(5); /* first stage in */
-            /* one chunk: decode 16 rows x CK k once, an MMA chain a token tile */
-            auto chunk = [&](int c, const uint32_t (&xv)[NT][BYTES]) {
-                uint32_t wa[WORDS], wb[WORDS];
-                load_words_smem<BYTES>(w0 + c * CB, wa);
-                load_words_smem<BYTES>(w1 + c * CB, wb);
-                const int g = (c * CK) >> log2_group;
-                const float am0 = ab0[g], am1 = ab1[g];
-                /* one chain of MMAs a chunk and token tile: two chains (linear4_staged's)
-                 * cost an FADD per accumulator and were no faster here, where 16 warps hid
-                 * the latency (run 30) */
-                float tmp[NT][4] = {};
+            /* IL chunks from c_first at once, without a branch a chunk: their MMA chains
+             * interleave (a branch a chunk kept them apart, each chunk's FFMAs waiting out
+             * its chain before the next chunk's loads issued: run 105). token(i, nt, w): word
+             * w of chunk i's B fragment. A slot at or past c_end reads chunk 0 and must have
+             * zero tokens, so that its products are exactly 0; it takes no absmax (an inf
+             * one would make 0 * inf). One MMA chain a chunk and token tile: two chains
+             * (linear4_staged's) cost an FADD per accumulator and were no faster (run 30). */
+            auto chunk_set = [&](auto il, int c_first, int c_end, auto &&token) {
+                constexpr int IL = decltype(il)::value;
+                uint32_t wa[IL][WORDS], wb[IL][WORDS];
+                float am0[IL], am1[IL];
 #pragma unroll
-                for (int q = 0; q < STEPS; q++) {
-                    const uint32_t ua = wa[q >> 1], ub = wb[q >> 1];
-                    uint32_t a[4];
-                    a[0] = *reinterpret_cast<const uint32_t *>(
-                        lut_bytes + ((q & 1) ? lut256_offset<2>(ua, lane4) : lut256_offset<0>(ua, lane4)));
-                    a[1] = *reinterpret_cast<const uint32_t *>(
-                        lut_bytes + ((q & 1) ? lut256_offset<2>(ub, lane4) : lut256_offset<0>(ub, lane4)));
-                    a[2] = *reinterpret_cast<const uint32_t *>(
-                        lut_bytes + ((q & 1) ? lut256_offset<3>(ua, lane4) : lut256_offset<1>(ua, lane4)));
-                    a[3] = *reinterpret_cast<const uint32_t *>(
-                        lut_bytes + ((q & 1) ? lut256_offset<3>(ub, lane4) : lut256_offset<1>(ub, lane4)));
-#pragma unroll
-                    for (int nt = 0; nt < NT; nt++)
-                        mma_16816<T>(tmp[nt], a, xv[nt][2 * q], xv[nt][2 * q + 1]);
+                for (int i = 0; i < IL; i++) {
+                    const bool ok = c_first + i < c_end;
+                    const int c = ok ? c_first + i : 0;
+                    load_words_smem<BYTES>(w0 + c * CB, wa[i]);
+                    load_words_smem<BYTES>(w1 + c * CB, wb[i]);
+                    const int g = (c * CK) >> log2_group;
+                    am0[i] = ok ? ab0[g] : 0.0f;
+                    am1[i] = ok ? ab1[g] : 0.0f;
                 }
+                float tmp[IL][NT][4] = {};
 #pragma unroll
-                for (int nt = 0; nt < NT; nt++) {
-                    acc[nt][0] = fmaf(tmp[nt][0], am0, acc[nt][0]);
-                    acc[nt][1] = fmaf(tmp[nt][1], am0, acc[nt][1]);
-                    acc[nt][2] = fmaf(tmp[nt][2], am1, acc[nt][2]);
-                    acc[nt][3] = fmaf(tmp[nt][3], am1, acc[nt][3]);
-                }
+                for (int q = 0; q < STEPS; q++)
+#pragma unroll
+                    for (int i = 0; i < IL; i++) {
+                        const uint32_t ua = wa[i][q >> 1], ub = wb[i][q >> 1];
+                        uint32_t a[4];
+                        a[0] = *reinterpret_cast<const uint32_t *>(
+                            lut_bytes + ((q & 1) ? lut256_offset<2>(ua, lane4) : lut256_offset<0>(ua, lane4)));
+                        a[1] = *reinterpret_cast<const uint32_t *>(
+                            lut_bytes + ((q & 1) ? lut256_offset<2>(ub, lane4) : lut256_offset<0>(ub, lane4)));
+                        a[2] = *reinterpret_cast<const uint32_t *>(
+                            lut_bytes + ((q & 1) ? lut256_offset<3>(ua, lane4) : lut256_offset<1>(ua, lane4)));
+                        a[3] = *reinterpret_cast<const uint32_t *>(
+                            lut_bytes + ((q & 1) ? lut256_offset<3>(ub, lane4) : lut256_offset<1>(ub, lane4)));
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++)
+                            mma_16816<T>(tmp[i][nt], a, token(i, nt, 2 * q), token(i, nt, 2 * q + 1));
+                    }
+#pragma unroll
+                for (int i = 0; i < IL; i++)
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        acc[nt][0] = fmaf(tmp[i][nt][0], am0[i], acc[nt][0]);
+                        acc[nt][1] = fmaf(tmp[i][nt][1], am0[i], acc[nt][1]);
+                        acc[nt][2] = fmaf(tmp[i][nt][2], am1[i], acc[nt][2]);
+                        acc[nt][3] = fmaf(tmp[i][nt][3], am1[i], acc[nt][3]);
+                    }
             };
             const bool probe_loads = probe == 1 || probe == 2; /* probes: the stream alone */
             if constexpr (XREG) {
-                /* the warp's chunks two or three at a time, without a branch a chunk: their MMA
-                 * chains interleave (a branch a chunk kept them apart, each chunk's FFMAs
-                 * waiting out its chain before the next chunk's loads issued, run 105). A
-                 * slot past c_hi reads chunk 0 with zero tokens (xr), so its products are
-                 * exactly 0, and takes no absmax (an inf one would make 0 * inf). */
-                constexpr int IL = BYTES >= 16 ? 1 : 3; /* 16-byte chunks: 2 or 3 spilled beside 96
-                                                           registers of tokens */
+                /* three chunks a set (16-byte chunks one: more spilled beside 96 registers
+                 * of tokens); a slot past c_hi has zero tokens (xr) */
+                constexpr int IL = BYTES >= 16 ? 1 : 3;
                 static_assert(XCPW % IL == 0, "whole sets of chunks");
 #pragma unroll
                 for (int c0 = 0; c0 < XCPW; c0 += IL) {
                     if (probe_loads || c_lo + c0 >= c_hi)
                         break;
-                    uint32_t wa[IL][WORDS], wb[IL][WORDS];
-                    float am0[IL], am1[IL];
-#pragma unroll
-                    for (int i = 0; i < IL; i++) {
-                        const bool ok = c_lo + c0 + i < c_hi;
-                        const int c = ok ? c_lo + c0 + i : 0;
-                        load_words_smem<BYTES>(w0 + c * CB, wa[i]);
-                        load_words_smem<BYTES>(w1 + c * CB, wb[i]);
-                        const int g = (c * CK) >> log2_group;
-                        am0[i] = ok ? ab0[g] : 0.0f;
-                        am1[i] = ok ? ab1[g] : 0.0f;
-                    }
-                    float tmp[IL][NT][4] = {};
-#pragma unroll
-                    for (int q = 0; q < STEPS; q++)
-#pragma unroll
-                        for (int i = 0; i < IL; i++) {
-                            const uint32_t ua = wa[i][q >> 1], ub = wb[i][q >> 1];
-                            uint32_t a[4];
-                            a[0] = *reinterpret_cast<const uint32_t *>(
-                                lut_bytes + ((q & 1) ? lut256_offset<2>(ua, lane4) : lut256_offset<0>(ua, lane4)));
-                            a[1] = *reinterpret_cast<const uint32_t *>(
-                                lut_bytes + ((q & 1) ? lut256_offset<2>(ub, lane4) : lut256_offset<0>(ub, lane4)));
-                            a[2] = *reinterpret_cast<const uint32_t *>(
-                                lut_bytes + ((q & 1) ? lut256_offset<3>(ua, lane4) : lut256_offset<1>(ua, lane4)));
-                            a[3] = *reinterpret_cast<const uint32_t *>(
-                                lut_bytes + ((q & 1) ? lut256_offset<3>(ub, lane4) : lut256_offset<1>(ub, lane4)));
-#pragma unroll
-                            for (int nt = 0; nt < NT; nt++)
-                                mma_16816<T>(tmp[i][nt], a, xr[c0 + i][nt][2 * q], xr[c0 + i][nt][2 * q + 1]);
-                        }
-#pragma unroll
-                    for (int i = 0; i < IL; i++)
-#pragma unroll
-                        for (int nt = 0; nt < NT; nt++) {
-                            acc[nt][0] = fmaf(tmp[i][nt][0], am0[i], acc[nt][0]);
-                            acc[nt][1] = fmaf(tmp[i][nt][1], am0[i], acc[nt][1]);
-                            acc[nt][2] = fmaf(tmp[i][nt][2], am1[i], acc[nt][2]);
-                            acc[nt][3] = fmaf(tmp[i][nt][3], am1[i], acc[nt][3]);
-                        }
+                    chunk_set(Count<IL>(), c_lo + c0, c_hi,
+                              [&](int i, int nt, int w) { return xr[c0 + i][nt][w]; });
                 }
             } else {
-#pragma unroll 2
-                for (int c = c_lo; c < (probe_loads ? c_lo : c_hi); c++) {
-                    uint32_t xv[NT][BYTES];
+                /* sets of four chunks (16-byte chunks: two), then one of two and one of one
+                 * for the rest: every slot a chunk of the warp's (sets of four with empty
+                 * slots were 2% slower at 8 tokens, 12288 -> 3072, run 108) */
+                constexpr int IL = BYTES >= 16 ? 2 : 4;
+                auto staged_set = [&](auto il, int c) {
+                    constexpr int N = decltype(il)::value;
+                    uint32_t xv[N][BYTES];
 #pragma unroll
-                    for (int i = 0; i < BYTES; i += 4) {
-                        const uint4 u = x_ok ? *reinterpret_cast<const uint4 *>(xk + c * CK * 2 + i * 4)
-                                             : make_uint4(0, 0, 0, 0);
-                        xv[0][i] = u.x; xv[0][i + 1] = u.y; xv[0][i + 2] = u.z; xv[0][i + 3] = u.w;
-                    }
-                    chunk(c, xv);
+                    for (int i = 0; i < N; i++)
+#pragma unroll
+                        for (int e = 0; e < BYTES; e += 4) {
+                            const uint4 u = x_ok ? *reinterpret_cast<const uint4 *>(xk + (c + i) * CK * 2 + e * 4)
+                                                 : make_uint4(0, 0, 0, 0);
+                            xv[i][e] = u.x; xv[i][e + 1] = u.y; xv[i][e + 2] = u.z; xv[i][e + 3] = u.w;
+                        }
+                    chunk_set(il, c, c + N, [&](int i, int, int w) { return xv[i][w]; });
+                };
+                const int c_end = probe_loads ? c_lo : c_hi;
+                int c = c_lo;
+                for (; c + IL <= c_end; c += IL)
+                    staged_set(Count<IL>(), c);
+                if (IL > 2 && c + 2 <= c_end) {
+                    staged_set(Count<2>(), c);
+                    c += 2;
                 }
+                if (c < c_end)
+                    staged_set(Count<1>(), c);
             }
             mbar_arrive(empty(s)); /* this thread's reads of the stage are done */
             if (++s == L.S) {
