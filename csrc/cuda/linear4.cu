@@ -336,8 +336,10 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * Why (runs 5-9 and 20 of docs/CUDA_NOTES.md): linear4_staged streams short K slices with
  * cp.async, 2 stages deep, and waits about one memory latency a stage; here 3-8 stages are
  * in flight an SM, issued by one thread, and there is no split-K between blocks but that
- * of a cluster (stream_split). What bounds it now: a stage's fixed cost (~2400 cycles
- * whatever its length) and the decode's latency chain (runs 91-96 of docs/CUDA_NOTES.md). */
+ * of a cluster (stream_split). What bounds it now (runs 105-114 of docs/CUDA_NOTES.md): the
+ * consumers' instruction issue (~450 instructions a warp a tile, 2 warps a scheduler, about
+ * half the issue slots used; a lookup a byte of weights), ~4 us a call before any byte, and
+ * the stream (alone 8.4 us at 3072 -> 12288, the op 10.9). */
 /* Tokens in registers (XREG): where a tile is one stage (at most 48 chunks of K, K split
  * over a cluster of 2-8 blocks where a row is longer), a consumer warp works on the same
  * chunks of every tile, so it loads their B fragments from global memory once, at the
@@ -347,9 +349,9 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
 /* consumer warps: 8, with staged tokens (runs 82-83: 3-6% faster than 16 at 1-8 tokens, 4
  * between; 24 and 30 were slower than 16, run 29; half the partial-sum buffer of 16 leaves
  * room for larger stages: 4 tokens at 12288 -> 3072 32.5 -> 18.2 us) and with tokens in
- * registers (run 106: 16 warps of 3 chunks spent ~120 of a tile's ~290 instructions a warp
+ * registers (runs 105-107: 16 warps of 3 chunks spent ~120 of a tile's ~290 instructions a warp
  * on the stage's and the tile's bookkeeping; 8 warps of 6 chunks halve that, and their
- * register limit, 224 instead of 96, holds 6 chunks of 16 tokens) */
+ * register limit, 168 instead of 96, holds 6 chunks of 16 tokens) */
 constexpr int stream_cw(bool) { return 8; }
 constexpr int STREAM_XCHUNKS = 48; /* tokens in registers: chunks of a row's slice of K at most,
                                       STREAM_XCHUNKS / CW a warp */
