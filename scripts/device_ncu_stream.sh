@@ -6,13 +6,7 @@
 # where a warp waits (WarpStateStats, SchedulerStats, pipes, shared-memory wavefronts) and
 # the per-SASS-instruction stall samples (source page, csv). Uses .devcarry/prebuilt.
 # Output under $OUT (default ./ncu_out): ncu_<case>.txt, sass_<case>.csv.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-CARRY=${DEVCARRY:-$PWD/.devcarry}
-OUTDIR=${OUT:-$PWD/ncu_out}
-mkdir -p "$OUTDIR"
-cp "$CARRY/prebuilt/_C.abi3.so" "$CARRY/prebuilt/_cuda_kernels.so" comfy_quant_native/
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+source "$(dirname "$0")/ncu_setup.sh"
 for spec in "$@"; do
     read -r K N M KNOBS <<<"$spec"
     tag="${K}_${N}_m${M}${KNOBS:+_${KNOBS//[^a-z0-9]/}}"
@@ -26,6 +20,6 @@ for spec in "$@"; do
     "$NCU" -i "$rep.ncu-rep" --print-details all >"$OUTDIR/ncu_$tag.txt" 2>&1
     "$NCU" -i "$rep.ncu-rep" --page source --print-source sass --csv >"$OUTDIR/sass_$tag.csv" 2>&1
     echo "## $spec"
-    grep -E "Duration|Elapsed Cycles|Issue Slots|Issued Ipc|No Eligible|Eligible Warps|Active Warps Per|Warp Cycles Per Issued|Stall|Shared|Bank|Pipe" \
-        "$OUTDIR/ncu_$tag.txt" | head -50
+    grep -m 50 -E "Duration|Elapsed Cycles|Issue Slots|Issued Ipc|No Eligible|Eligible Warps|Active Warps Per|Warp Cycles Per Issued|Stall|Shared|Bank|Pipe" \
+        "$OUTDIR/ncu_$tag.txt"
 done

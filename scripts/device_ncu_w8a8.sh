@@ -4,13 +4,7 @@
 # counters there), from the repository root:
 #     bash scripts/device_ncu_w8a8.sh [w8a8_profile.py arguments...]
 # Uses .devcarry/prebuilt (scripts/prebuild_sm90a.sh). Output under $OUT (default ./ncu_out).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-CARRY=${DEVCARRY:-$PWD/.devcarry}
-OUTDIR=${OUT:-$PWD/ncu_out}
-mkdir -p "$OUTDIR"
-cp "$CARRY/prebuilt/_C.abi3.so" "$CARRY/prebuilt/_cuda_kernels.so" comfy_quant_native/
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+source "$(dirname "$0")/ncu_setup.sh"
 # opcode counts of each bf16 wgmma kernel (Function header, then its instructions)
 cuobjdump --dump-sass comfy_quant_native/_cuda_kernels.so | awk '
     /Function :/ { fn = ($0 ~ /gemm_int8_wgmma.*nv_bfloat16/) ? $3 : ""; if (fn) print "## " fn; next }
