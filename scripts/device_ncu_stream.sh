@@ -5,7 +5,8 @@
 # e.g. "3072 12288 1" "3072 12288 1 skinny_probe=3". For each case: the sections that say
 # where a warp waits (WarpStateStats, SchedulerStats, pipes, shared-memory wavefronts) and
 # the per-SASS-instruction stall samples (source page, csv). Uses .devcarry/prebuilt.
-# Output under $OUT (default ./ncu_out): ncu_<case>.txt, sass_<case>.csv.
+# Output under $OUT (default ./ncu_out): ncu_<case>.txt, and sass.tgz holding sass_<case>.csv
+# (one file: the device returns at most 8).
 source "$(dirname "$0")/ncu_setup.sh"
 for spec in "$@"; do
     read -r K N M KNOBS <<<"$spec"
@@ -23,3 +24,4 @@ for spec in "$@"; do
     grep -m 50 -E "Duration|Elapsed Cycles|Issue Slots|Issued Ipc|No Eligible|Eligible Warps|Active Warps Per|Warp Cycles Per Issued|Stall|Shared|Bank|Pipe" \
         "$OUTDIR/ncu_$tag.txt"
 done
+(cd "$OUTDIR" && tar czf sass.tgz sass_*.csv && rm -f sass_*.csv && find . -name 'err_*.txt' -empty -delete)
