@@ -607,19 +607,22 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
              * zero tokens, so that its products are exactly 0; it takes no absmax (an inf
              * one would make 0 * inf). One MMA chain a chunk and token tile: two chains
              * (linear4_staged's) cost an FADD per accumulator and were no faster (run 30). */
-            auto chunk_set = [&](auto il, int c_first, int c_end, auto &&token) {
+            auto chunk_set = [&](auto il, auto half, int c_first, int c_end, auto &&token) {
                 constexpr int IL = decltype(il)::value;
-                uint32_t wa[IL][WORDS], wb[IL][WORDS];
-                float am0[IL], am1[IL];
+                constexpr bool HALF = decltype(half)::value; /* rows 8-15 absent: not decoded */
+                uint32_t wa[IL][WORDS], wb[IL][WORDS] = {};
+                float am0[IL], am1[IL] = {};
 #pragma unroll
                 for (int i = 0; i < IL; i++) {
                     const bool ok = c_first + i < c_end;
                     const int c = ok ? c_first + i : 0;
                     load_words_smem<BYTES>(w0 + c * CB, wa[i]);
-                    load_words_smem<BYTES>(w1 + c * CB, wb[i]);
                     const int g = (c * CK) >> log2_group;
                     am0[i] = ok ? ab0[g] : 0.0f;
-                    am1[i] = ok ? ab1[g] : 0.0f;
+                    if constexpr (!HALF) {
+                        load_words_smem<BYTES>(w1 + c * CB, wb[i]);
+                        am1[i] = ok ? ab1[g] : 0.0f;
+                    }
                 }
                 float tmp[IL][NT][4] = {};
 #pragma unroll
@@ -630,12 +633,14 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                         uint32_t a[4];
                         a[0] = *reinterpret_cast<const uint32_t *>(
                             lut_bytes + ((q & 1) ? lut256_offset<2>(ua, lane4) : lut256_offset<0>(ua, lane4)));
-                        a[1] = *reinterpret_cast<const uint32_t *>(
-                            lut_bytes + ((q & 1) ? lut256_offset<2>(ub, lane4) : lut256_offset<0>(ub, lane4)));
+                        a[1] = HALF ? 0u
+                                    : *reinterpret_cast<const uint32_t *>(
+                                          lut_bytes + ((q & 1) ? lut256_offset<2>(ub, lane4) : lut256_offset<0>(ub, lane4)));
                         a[2] = *reinterpret_cast<const uint32_t *>(
                             lut_bytes + ((q & 1) ? lut256_offset<3>(ua, lane4) : lut256_offset<1>(ua, lane4)));
-                        a[3] = *reinterpret_cast<const uint32_t *>(
-                            lut_bytes + ((q & 1) ? lut256_offset<3>(ub, lane4) : lut256_offset<1>(ub, lane4)));
+                        a[3] = HALF ? 0u
+                                    : *reinterpret_cast<const uint32_t *>(
+                                          lut_bytes + ((q & 1) ? lut256_offset<3>(ub, lane4) : lut256_offset<1>(ub, lane4)));
 #pragma unroll
                         for (int nt = 0; nt < NT; nt++)
                             mma_16816<T>(tmp[i][nt], a, token(i, nt, 2 * q), token(i, nt, 2 * q + 1));
@@ -646,11 +651,18 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                     for (int nt = 0; nt < NT; nt++) {
                         acc[nt][0] = fmaf(tmp[i][nt][0], am0[i], acc[nt][0]);
                         acc[nt][1] = fmaf(tmp[i][nt][1], am0[i], acc[nt][1]);
-                        acc[nt][2] = fmaf(tmp[i][nt][2], am1[i], acc[nt][2]);
-                        acc[nt][3] = fmaf(tmp[i][nt][3], am1[i], acc[nt][3]);
+                        if constexpr (!HALF) {
+                            acc[nt][2] = fmaf(tmp[i][nt][2], am1[i], acc[nt][2]);
+                            acc[nt][3] = fmaf(tmp[i][nt][3], am1[i], acc[nt][3]);
+                        }
                     }
             };
             const bool probe_loads = probe == 1 || probe == 2; /* probes: the stream alone */
+            /* half: the tile is one octet (the last of a block with an odd count): rows 8-15
+             * neither loaded nor looked up (384 octets on 132 SMs: most blocks hold 3, so 1.5
+             * tiles of lookups instead of 2). Not with 9-16 tokens: the second copy of the
+             * decode spilled there (168 registers) */
+            const bool half = NT == 1 && 2 * (int64_t)tile + 1 >= n_oct;
             if constexpr (XREG) {
                 /* three chunks a set (16-byte chunks one: more spilled beside 96 registers
                  * of tokens); a slot past c_hi has zero tokens (xr) */
@@ -660,8 +672,11 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 for (int c0 = 0; c0 < XCPW; c0 += IL) {
                     if (probe_loads || c_lo + c0 >= c_hi)
                         break;
-                    chunk_set(Count<IL>(), c_lo + c0, c_hi,
-                              [&](int i, int nt, int w) { return xr[c0 + i][nt][w]; });
+                    auto token = [&](int i, int nt, int w) { return xr[c0 + i][nt][w]; };
+                    if (half)
+                        chunk_set(Count<IL>(), Count<1>(), c_lo + c0, c_hi, token);
+                    else
+                        chunk_set(Count<IL>(), Count<0>(), c_lo + c0, c_hi, token);
                 }
             } else {
                 /* sets of four chunks (16-byte chunks: two), then one of two and one of one
@@ -679,7 +694,11 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                                                  : make_uint4(0, 0, 0, 0);
                             xv[i][e] = u.x; xv[i][e + 1] = u.y; xv[i][e + 2] = u.z; xv[i][e + 3] = u.w;
                         }
-                    chunk_set(il, c, c + N, [&](int i, int, int w) { return xv[i][w]; });
+                    auto token = [&](int i, int, int w) { return xv[i][w]; };
+                    if (half)
+                        chunk_set(il, Count<1>(), c, c + N, token);
+                    else
+                        chunk_set(il, Count<0>(), c, c + N, token);
                 };
                 const int c_end = probe_loads ? c_lo : c_hi;
                 int c = c_lo;
