@@ -336,7 +336,7 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * Why (runs 5-9 and 20 of docs/CUDA_NOTES.md): linear4_staged streams short K slices with
  * cp.async, 2 stages deep, and waits about one memory latency a stage; here 3-8 stages are
  * in flight an SM, issued by one thread, and there is no split-K between blocks but that
- * of a cluster (stream_split). What bounds it now (runs 105-114 of docs/CUDA_NOTES.md): the
+ * of a cluster (stream_split). What bounds it now (runs 105-115 of docs/CUDA_NOTES.md): the
  * consumers' instruction issue (~450 instructions a warp a tile, 2 warps a scheduler, about
  * half the issue slots used; a lookup a byte of weights), ~4 us a call before any byte, and
  * the stream (alone 8.4 us at 3072 -> 12288, the op 10.9). */
