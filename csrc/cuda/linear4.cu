@@ -382,15 +382,15 @@ struct StreamLayout {
                         were no faster with it: run 95) */
 };
 
-/* Byte B of w as the offset of its entry in linear4_stream's decode table (entry * 256 +
- * lane * 4; entries 256 bytes apart, half of each unused, so that one PRMT places the byte,
- * where linear4_staged's 128-byte entries take a shift and a LOP3). */
 /* a count known at compile time, for a generic lambda (linear4_stream's chunk_set) */
 template <int N>
 struct Count {
     static constexpr int value = N;
 };
 
+/* Byte B of w as the offset of its entry in linear4_stream's decode table (entry * 256 +
+ * lane * 4; entries 256 bytes apart, half of each unused, so that one PRMT places the byte,
+ * where linear4_staged's 128-byte entries take a shift and a LOP3). */
 template <int B>
 __device__ __forceinline__ uint32_t lut256_offset(uint32_t w, uint32_t lane4) {
     return __byte_perm(lane4, w, 0x1100u | ((4u + B) << 4));
