@@ -352,7 +352,7 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * registers (runs 105-107: 16 warps of 3 chunks spent ~120 of a tile's ~290 instructions a warp
  * on the stage's and the tile's bookkeeping; 8 warps of 6 chunks halve that, and their
  * register limit, 168 instead of 96, holds 6 chunks of 16 tokens) */
-constexpr int stream_cw(bool) { return 8; }
+constexpr int STREAM_CW = 8;
 constexpr int STREAM_XCHUNKS = 48; /* tokens in registers: chunks of a row's slice of K at most,
                                       STREAM_XCHUNKS / CW a warp */
 constexpr int STREAM_MAX_STAGES = 8;
@@ -396,13 +396,13 @@ __device__ __forceinline__ uint32_t lut256_offset(uint32_t w, uint32_t lane4) {
     return __byte_perm(lane4, w, 0x1100u | ((4u + B) << 4));
 }
 
-template <typename T, int BYTES, int NT, bool XREG, int CW = stream_cw(XREG)>
-__global__ void __launch_bounds__(32 * (CW + 1), 1)
+template <typename T, int BYTES, int NT, bool XREG>
+__global__ void __launch_bounds__(32 * (STREAM_CW + 1), 1)
 linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, const float *__restrict__ absmax,
                const T *__restrict__ bias, T *__restrict__ y, int M, int64_t N, int64_t K, int log2_group,
                int codebook, StreamLayout L, int probe) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    constexpr int CK = BYTES * 8, CB = BYTES * 4, STEPS = BYTES / 2, WORDS = BYTES / 4;
+    constexpr int CK = BYTES * 8, CB = BYTES * 4, STEPS = BYTES / 2, WORDS = BYTES / 4, CW = STREAM_CW;
     extern __shared__ __align__(16) unsigned char smem[];
     uint64_t *bars = reinterpret_cast<uint64_t *>(smem); /* full[S], empty[S], tokens: <= 136 bytes */
     float *table = reinterpret_cast<float *>(smem + 192); /* no static shared memory: the dynamic
@@ -663,6 +663,12 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
              * tiles of lookups instead of 2). Not with 9-16 tokens: the second copy of the
              * decode spilled there (168 registers) */
             const bool half = NT == 1 && 2 * (int64_t)tile + 1 >= n_oct;
+            auto decode_set = [&](auto il, int c_first, int c_end, auto &&token) {
+                if (half)
+                    chunk_set(il, Count<1>(), c_first, c_end, token);
+                else
+                    chunk_set(il, Count<0>(), c_first, c_end, token);
+            };
             if constexpr (XREG) {
                 /* three chunks a set (16-byte chunks one: more spilled beside 96 registers
                  * of tokens); a slot past c_hi has zero tokens (xr) */
@@ -672,11 +678,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 for (int c0 = 0; c0 < XCPW; c0 += IL) {
                     if (probe_loads || c_lo + c0 >= c_hi)
                         break;
-                    auto token = [&](int i, int nt, int w) { return xr[c0 + i][nt][w]; };
-                    if (half)
-                        chunk_set(Count<IL>(), Count<1>(), c_lo + c0, c_hi, token);
-                    else
-                        chunk_set(Count<IL>(), Count<0>(), c_lo + c0, c_hi, token);
+                    decode_set(Count<IL>(), c_lo + c0, c_hi,
+                               [&](int i, int nt, int w) { return xr[c0 + i][nt][w]; });
                 }
             } else {
                 /* sets of four chunks (16-byte chunks: two), then one of two and one of one
@@ -694,11 +697,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                                                  : make_uint4(0, 0, 0, 0);
                             xv[i][e] = u.x; xv[i][e + 1] = u.y; xv[i][e + 2] = u.z; xv[i][e + 3] = u.w;
                         }
-                    auto token = [&](int i, int, int w) { return xv[i][w]; };
-                    if (half)
-                        chunk_set(il, Count<1>(), c, c + N, token);
-                    else
-                        chunk_set(il, Count<0>(), c, c + N, token);
+                    decode_set(il, c, c + N, [&](int i, int, int w) { return xv[i][w]; });
                 };
                 const int c_end = probe_loads ? c_lo : c_hi;
                 int c = c_lo;
@@ -838,11 +837,11 @@ static int stream_split(int64_t K, int lg, int ck, int max_chunks, int *forced_o
     return 0;
 }
 
-template <typename T, int BYTES, int NT, bool XREG, int CW = stream_cw(XREG)>
+template <typename T, int BYTES, int NT, bool XREG>
 static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *packed, const float *absmax,
                               const T *bias, T *y, int64_t M, int64_t N, int64_t K, int lg, int codebook,
                               cudaStream_t stream) {
-    constexpr int CK = 8 * BYTES;
+    constexpr int CK = 8 * BYTES, CW = STREAM_CW;
     if (!aligned16(x) || !aligned16(packed) || !aligned16(absmax))
         return CQ_EUNSUPPORTED;
     int forced = 0;
@@ -880,7 +879,7 @@ static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *
     }
     if (!ok)
         return CQ_EUNSUPPORTED;
-    auto kernel = linear4_stream<T, BYTES, NT, XREG, CW>;
+    auto kernel = linear4_stream<T, BYTES, NT, XREG>;
     static unsigned long long smem_set; /* bit per device: the limit is the card's, once */
     const int st = raise_smem_limit(reinterpret_cast<const void *>(kernel), dev.smem_optin, &smem_set,
                                     "linear_4bit (streamed smem)");
