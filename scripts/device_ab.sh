@@ -5,8 +5,8 @@
 # Builds: .devcarry/prebuilt (the one under test, scripts/prebuild_sm90a.sh) and the
 # baseline in .devcarry/old/prebuilt (in a worktree of the old commit:
 # `bash scripts/prebuild_sm90a.sh <repo>/.devcarry/old`) or .devcarry/old itself; carry
-# both. First the streamed and 4-bit tests on the build under test, then ROUNDS (default 2)
-# turns of new, old. Output: $OUT/ab.txt.
+# both. First the streamed and 4-bit tests on the build under test (TESTS="": all of
+# tests/test_cuda.py; TESTS=expr: -k expr), then ROUNDS (default 2) turns of new, old. Output: $OUT/ab.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=${DEVCARRY:-$PWD/.devcarry}
@@ -17,7 +17,8 @@ use() { cp "$1/_C.abi3.so" "$1/_cuda_kernels.so" comfy_quant_native/; }
 OLD=$CARRY/old/prebuilt
 [ -f "$OLD/_cuda_kernels.so" ] || OLD=$CARRY/old
 use "$CARRY/prebuilt"
-python3 -m pytest -q -x tests/test_cuda.py -k "streamed or 4bit" 2>&1 | tail -1
+if [ -n "${TESTS+set}" ] && [ -z "$TESTS" ]; then sel=(); else sel=(-k "${TESTS:-streamed or 4bit}"); fi
+python3 -m pytest -q -x tests/test_cuda.py "${sel[@]}" 2>&1 | tail -3
 for _ in $(seq "${ROUNDS:-2}"); do
     for b in "$CARRY/prebuilt" "$OLD"; do
         use "$b"

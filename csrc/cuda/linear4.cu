@@ -373,6 +373,11 @@ struct StreamLayout {
     int stage_bytes;
     int ksplit;      /* blocks of a cluster, each a K / ksplit slice of the same rows */
     int off_part;    /* ksplit > 1: the block's sums [tiles][16 tokens][16 rows] floats */
+    /* set at launch, so that the kernel divides nothing: three 64-bit divisions (a call of
+     * ~70 dependent instructions each) were on the path to the first copy */
+    int kl;          /* K / ksplit, a block's slice of K */
+    int oct_q, oct_r; /* octets a group: oct_q, one more for the first oct_r groups */
+    int early;       /* launched early (knob pdl = 2): the table before the wait for x */
     /* last: with it between `as` and `xs`, nvcc 13 (sm_90a) kept the 16-token kernel's shared
      * base in a vector register and added it to each decode-table load (an IMAD a load,
      * 52 more; the lookups lost their [R + UR] form): 16 tokens 2-5% slower, runs 99-101.
@@ -423,14 +428,15 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     /* the block's octets: a contiguous run (every gridDim.x-th instead was no faster: run
      * 27), its cluster's with K split; a tile is two octets */
     const int KS = L.ksplit;
-    int rank = 0;
-    if (KS > 1)
+    int rank = 0, grp = blockIdx.x;
+    if (KS > 1) {
         asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-    const int64_t Kl = K / KS, k_off = rank * Kl; /* this block's slice of K */
-    const int64_t octets = (N + 7) / 8, groups = gridDim.x / KS, grp = blockIdx.x / KS;
-    const int64_t o_begin = grp * octets / groups;
-    const int64_t n_oct = (grp + 1) * octets / groups - o_begin;
-    const int tiles = (int)((n_oct + 1) / 2);
+        asm volatile("mov.u32 %0, %%clusterid.x;\n" : "=r"(grp));
+    }
+    const int64_t Kl = L.kl, k_off = rank * Kl; /* this block's slice of K */
+    const int64_t o_begin = (int64_t)grp * L.oct_q + (grp < L.oct_r ? grp : L.oct_r);
+    const int n_oct = L.oct_q + (grp < L.oct_r);
+    const int tiles = (n_oct + 1) / 2;
     /* weight row `row` (0-15) of tile `tile`, or -1 past the block's octets or N */
     auto tile_row = [&](int tile, int row) -> int64_t {
         const int64_t i = 2 * (int64_t)tile + (row >> 3);
@@ -470,22 +476,26 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     auto full = [&](int s) { return s_addr(bars + s); };
     auto empty = [&](int s) { return s_addr(bars + L.S + s); };
     const uint32_t xbar = s_addr(bars + 2 * L.S);
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < L.S; s++) {
-            mbar_init(full(s), 1);
-            mbar_init(empty(s), 32 * CW); /* every consumer thread releases the stage */
-        }
-        mbar_init(xbar, 1);
-        mbar_init_fence();
-    }
-    __syncthreads();
-    if (threadIdx.x == 0)
-        mark(1);
+    /* the producer sets the barriers and goes on to its copies; the consumers meet it at
+     * named barrier 2 before their first wait on one (no block-wide barrier on the path to
+     * the first copy) */
+    auto barriers_set = [] { asm volatile("bar.sync 2, %0;\n" ::"n"(32 * (CW + 1)) : "memory"); };
 
     /* launched early (knob pdl = 2): the previous kernel may still run until pdl_wait; until
      * then only shared memory and constants (an L2 prefetch of the first stages before the
      * wait made every shape slower: 3072^2 at M = 1 5.9 -> 7.3 us, run 75) */
     if (warp == CW) { /* the producer: lanes 0-15 copy weight rows, lanes 16-31 absmax rows */
+        if (lane == 0) {
+            for (int s = 0; s < L.S; s++) {
+                mbar_init(full(s), 1);
+                mbar_init(empty(s), 32 * CW); /* every consumer thread releases the stage */
+            }
+            mbar_init(xbar, 1);
+            mbar_init_fence();
+            mark(1);
+        }
+        __syncwarp();
+        asm volatile("bar.arrive 2, %0;\n" ::"n"(32 * (CW + 1)) : "memory");
         pdl_wait();
         pdl_release();
         if constexpr (!XREG) {
@@ -536,22 +546,10 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
         return;
     }
 
-    /* consumers: the lane-private decode table (linear4_staged's), then the tokens */
+    /* consumers: the tokens (XREG) and the codebook are requested first and come while the
+     * lane-private decode table (linear4_staged's) is built; launched early, the table is
+     * built before the wait for the kernel that writes x */
     auto consumers_sync = [] { asm volatile("bar.sync 1, %0;\n" ::"n"(32 * CW) : "memory"); };
-    if (threadIdx.x < 16)
-        table[threadIdx.x] = c_table4[codebook][threadIdx.x];
-    consumers_sync();
-    for (int i = threadIdx.x; i < 256 * 8; i += 32 * CW) {
-        const int b = i >> 3;
-        const uint32_t v = pack2<T>(table[b >> 4], table[b & 15]);
-        reinterpret_cast<uint4 *>(smem + 256 + b * 256)[i & 7] = make_uint4(v, v, v, v);
-    }
-    consumers_sync();
-    pdl_wait();
-    pdl_release();
-    if (threadIdx.x == 0)
-        mark(3); /* decode table built */
-
     /* lane (r, t): weight rows r and r + 8 of the tile (A), tokens r + 8 nt (B; zero past
      * M); its C fragments: rows r and r + 8, tokens 8 nt + 2t and 8 nt + 2t + 1 */
     const int r = lane >> 2, t = lane & 3;
@@ -560,24 +558,46 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
      * chunks every tile), from global memory once */
     constexpr int XCPW = XREG ? STREAM_XCHUNKS / CW : 1; /* a warp's chunks at most */
     uint32_t xr[XCPW][NT][BYTES];
-    if constexpr (XREG) {
-        const int chunks = (int)(Kl / CK), c_lo = warp * chunks / CW, c_hi = (warp + 1) * chunks / CW;
+    auto load_tokens = [&] {
+        pdl_wait();
+        pdl_release();
+        if constexpr (XREG) {
+            const int chunks = (int)(Kl / CK), c_lo = warp * chunks / CW, c_hi = (warp + 1) * chunks / CW;
 #pragma unroll
-        for (int cc = 0; cc < XCPW; cc++)
+            for (int cc = 0; cc < XCPW; cc++)
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                const int m = r + 8 * nt, c = c_lo + cc;
-                const T *src = x + (int64_t)m * K + k_off + c * CK + t * (CK / 4);
+                for (int nt = 0; nt < NT; nt++) {
+                    const int m = r + 8 * nt, c = c_lo + cc;
+                    const T *src = x + (int64_t)m * K + k_off + c * CK + t * (CK / 4);
 #pragma unroll
-                for (int i = 0; i < BYTES; i += 4) {
-                    const uint4 u = m < M && c < c_hi ? __ldg(reinterpret_cast<const uint4 *>(src) + i / 4)
-                                                      : make_uint4(0, 0, 0, 0);
-                    xr[cc][nt][i] = u.x; xr[cc][nt][i + 1] = u.y; xr[cc][nt][i + 2] = u.z; xr[cc][nt][i + 3] = u.w;
+                    for (int i = 0; i < BYTES; i += 4) {
+                        const uint4 u = m < M && c < c_hi ? __ldg(reinterpret_cast<const uint4 *>(src) + i / 4)
+                                                          : make_uint4(0, 0, 0, 0);
+                        xr[cc][nt][i] = u.x; xr[cc][nt][i + 1] = u.y; xr[cc][nt][i + 2] = u.z;
+                        xr[cc][nt][i + 3] = u.w;
+                    }
                 }
-            }
-    } else {
-        mbar_wait(xbar, 0);
+        }
+    };
+    const float code = threadIdx.x < 16 ? c_table4[codebook][threadIdx.x] : 0.0f;
+    if (!L.early)
+        load_tokens();
+    if (threadIdx.x < 16)
+        table[threadIdx.x] = code;
+    consumers_sync();
+    for (int i = threadIdx.x; i < 256 * 8; i += 32 * CW) {
+        const int b = i >> 3;
+        const uint32_t v = pack2<T>(table[b >> 4], table[b & 15]);
+        reinterpret_cast<uint4 *>(smem + 256 + b * 256)[i & 7] = make_uint4(v, v, v, v);
     }
+    consumers_sync();
+    if (L.early)
+        load_tokens();
+    if (threadIdx.x == 0)
+        mark(3); /* decode table built */
+    barriers_set();
+    if constexpr (!XREG)
+        mbar_wait(xbar, 0);
     if (threadIdx.x == 0)
         mark(4); /* tokens in */
     const bool x_ok = r < M;
@@ -900,7 +920,13 @@ static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *
             cfg.dynamicSmemBytes = (size_t)smem;
         }
     }
+    if (octets / groups > INT32_MAX)
+        return CQ_EUNSUPPORTED;
     cfg.gridDim = dim3((unsigned)(groups * KS), 1, 1);
+    L.kl = (int)(K / KS);
+    L.oct_q = (int)(octets / groups);
+    L.oct_r = (int)(octets % groups);
+    L.early = knob(KNOB_PDL) == 2;
     cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, x, packed, absmax, bias, y, (int)M, N, K, lg, codebook, L,
                                          knob(KNOB_SKINNY_PROBE));
     if (err != cudaSuccess) {
