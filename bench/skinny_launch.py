@@ -4,7 +4,7 @@ launch (PDL), against bf16 F.linear (cuBLAS), timed in turns in one run
 (bench/gpu_ops.py's graphs: 50 calls a graph, the weights rotated so that every call
 reads DRAM).
 
-    python3 bench/skinny_launch.py [--tokens 1,16] [--variants "pdl=2;pdl=1"] [--timeline]
+    python3 bench/skinny_launch.py [--tokens 1,16] [--variants "pdl=2;pdl=1"] [--timeline | --blocks]
 
 --variants: a column each, knobs (ops.CUDA_KNOBS) as k=v[,k=v], ';' between columns
 (knob pdl: 2 launches the 4-bit kernel early and releases the next early; 1 off, which
@@ -21,6 +21,9 @@ Two ways a call can follow another:
 the SM's clock at 8 points of the kernel, in y instead of the result), the last of 50
 calls in a graph, each after x's op, weights rotated: cycles from the kernel's first
 instruction, medians of 9 replays.
+--blocks: instead, when each block of the kernel starts and ends (knob skinny_probe = 6:
+the global timer, in y), the same last call: the spread of the starts (the launch) and
+of the ends (the blocks' imbalance), us from the first start, medians of 9 replays.
 The first rows are the smallest calls (one 8-row octet, then one octet an SM): their
 time is the fixed cost of a call in this timing, the part no byte count explains.
 """
@@ -110,11 +113,41 @@ def timeline(M: int, K: int, N: int) -> list[float]:
     return [statistics.median(r[i] for r in rows) for i in range(len(MARKS))]
 
 
+def block_spans(M: int, K: int, N: int) -> list[float]:
+    """us from the first block's start: last start, first end, median end, last end, over
+    the blocks of the kernel (knob skinny_probe = 6); medians of 9 replays."""
+    torch.manual_seed(0)
+    w = torch.randn(N, K, dtype=torch.bfloat16, device=DEV) * 0.02
+    packed, absmax = ops.quantize_4bit(w, "nf4", 64)
+    ps = rotated_copies(packed, packed.numel() + 4 * absmax.numel())
+    x0 = torch.randn(M, K, dtype=torch.bfloat16, device=DEV)
+    x = x0.clone()
+
+    def produced_ours(i):
+        torch.mul(x0, 1.0, out=x)
+        return ops.linear_4bit(x, ps[i], absmax, "nf4", 64, (N, K))
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    timer = GraphTimer(produced_ours, len(ps), REPS, dict(skinny_probe=6, pdl=1))
+    rows = []
+    for _ in range(9):
+        timer.out.view(torch.int32).fill_(-1)  # words no block wrote stay -1 (start == end)
+        timer.replay(1)
+        words = timer.out.reshape(-1).view(torch.int32)[:2 * sms].cpu().tolist()
+        pairs = [(a % (1 << 32), b % (1 << 32)) for a, b in zip(words[0::2], words[1::2]) if a != b]
+        t0 = min(a for a, _ in pairs)
+        starts = sorted((a - t0) % (1 << 32) for a, _ in pairs)
+        ends = sorted((b - t0) % (1 << 32) for _, b in pairs)
+        rows.append([starts[-1], ends[0], statistics.median(ends), ends[-1], len(pairs)])
+    return [statistics.median(r[i] for r in rows) / (1 if i == 4 else 1e3) for i in range(5)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="1,16")
     ap.add_argument("--variants", default="pdl=2;pdl=1")
     ap.add_argument("--timeline", action="store_true")
+    ap.add_argument("--blocks", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available() or ops.list_backends()["cuda"] is not None:
         print("needs a GPU and the CUDA kernels:", ops.list_backends()["cuda"])
@@ -127,6 +160,16 @@ def main() -> int:
         for M in [int(m) for m in args.tokens.split(",")]:
             for K, N in [(3072, 16), (3072, 8 * sms), (3072, 3072), (3072, 12288), (12288, 3072)]:
                 print(f"| {M} | {K} -> {N} | " + " | ".join(f"{v:.0f}" for v in timeline(M, K, N)) + " |", flush=True)
+        return 0
+    if args.blocks:
+        print(f"# {torch.cuda.get_device_name()}: the blocks of linear4_stream, us from the first block's start")
+        print("| M | K -> N | blocks | last start | first end | median end | last end |")
+        print("|---" * 7 + "|")
+        for M in [int(m) for m in args.tokens.split(",")]:
+            for K, N in [(3072, 8 * sms), (3072, 3072), (3072, 12288), (12288, 3072)]:
+                last_start, first_end, median_end, last_end, n = block_spans(M, K, N)
+                print(f"| {M} | {K} -> {N} | {n:.0f} | {last_start:.2f} | {first_end:.2f} | {median_end:.2f} "
+                      f"| {last_end:.2f} |", flush=True)
         return 0
     bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, copy {bw / 1e3:.2f} TB/s")

@@ -59,7 +59,8 @@ enum Knob {
     KNOB_SKINNY_TILE = 3,/* n-tiles of 8 rows per warp in the skinny kernels: 1, 2, 4 */
     KNOB_LINEAR_INT8 = 4,/* weight-only: 1 generic, 2 skinny mma */
     KNOB_SKINNY_PROBE = 5,/* benchmark probe, wrong results: 1 = 4-bit skinny loads only; streamed: 2 = weights only, 3 = no loads (compute alone),
-                             4 = block 0's timeline in y (bench/skinny_launch.py --timeline) */
+                             4 = block 0's timeline in y (bench/skinny_launch.py --timeline), 6 = every block's start
+                             and end in y (--blocks) */
     KNOB_STREAM_STAGES = 6,/* at most this many stages in the streamed 4-bit kernel's ring (>= 2) */
     KNOB_STREAM_XREG = 7,/* streamed 4-bit kernel's tokens: 1 staged in shared memory, 2 in registers */
     KNOB_GEMM_PROBE = 8, /* benchmark probe, wrong results: sm90 W8A8 with per-group scales, 1 = no promotion */

@@ -423,8 +423,19 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
         if (probe == 4 && blockIdx.x == 0)
             reinterpret_cast<volatile uint32_t *>(y)[i] = (uint32_t)clock64();
     };
-    if (threadIdx.x == 0)
+    /* probe 6 (benchmark): every block's start and end on the global timer (ns), words
+     * 2b and 2b + 1 of y: the launch's skew and the blocks' imbalance */
+    auto block_time = [&](int i) {
+        if (probe == 6) {
+            uint64_t ns;
+            asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(ns));
+            reinterpret_cast<volatile uint32_t *>(y)[2 * blockIdx.x + i] = (uint32_t)ns;
+        }
+    };
+    if (threadIdx.x == 0) {
         mark(0);
+        block_time(0);
+    }
     /* the block's octets: a contiguous run (every gridDim.x-th instead was no faster: run
      * 27), its cluster's with K split; a tile is two octets */
     const int KS = L.ksplit;
@@ -465,7 +476,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 }
                 if (bias)
                     v += to_f32(bias[n]);
-                if (probe != 4)
+                if (probe < 4)
                     y[(int64_t)m * N + n] = from_f32<T>(v);
             }
         if (threadIdx.x == 0)
@@ -692,7 +703,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             if constexpr (XREG) {
                 /* three chunks a set (16-byte chunks one: more spilled beside 96 registers
                  * of tokens); a slot past c_hi has zero tokens (xr) */
-                constexpr int IL = BYTES >= 16 ? 1 : 3;
+                constexpr int IL = BYTES >= 16 ? 1 : (NT == 1 ? 6 : 3);
                 static_assert(XCPW % IL == 0, "whole sets of chunks");
 #pragma unroll
                 for (int c0 = 0; c0 < XCPW; c0 += IL) {
@@ -767,7 +778,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                 } else {
                     if (bias)
                         v += to_f32(bias[n]);
-                    if (probe != 4)
+                    if (probe < 4)
                         y[(int64_t)m * N + n] = from_f32<T>(v);
                 }
             }
@@ -777,6 +788,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     }
     if (KS > 1)
         cluster_sum_store();
+    if (threadIdx.x == 0)
+        block_time(1);
 #endif
 }
 
