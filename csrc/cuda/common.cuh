@@ -187,6 +187,12 @@ static inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, int threads, s
     return cfg;
 }
 
+/* a / b for non-negative a, b: 32-bit division where both fit (a 64-bit division is a call
+ * of ~70 dependent instructions) */
+__device__ __forceinline__ int64_t udiv(int64_t a, int64_t b) {
+    return ((a | b) >> 32) == 0 ? (int64_t)((uint32_t)a / (uint32_t)b) : a / b;
+}
+
 /* Programmatic dependent launch (sm_90). A grid launched `early` may start while the
  * stream's previous kernel still runs: pdl_wait() returns once that kernel has finished
  * and its writes are visible, so every thread calls it before its first global-memory

@@ -78,8 +78,9 @@ gemm_int8_skinny(const int8_t *__restrict__ xq, const float *__restrict__ xs, co
     const int64_t n_warp = (int64_t)blockIdx.y * R + warp * NT * 8;
     const int64_t m0 = (int64_t)blockIdx.z * 16;
     const int mv = M - m0 < 16 ? (int)(M - m0) : 16;
-    const int64_t kslice = K / S, k_begin = blockIdx.x * kslice, k_end = k_begin + kslice;
-    const int64_t kb = (K + gk - 1) / gk;
+    /* 32-bit divisions (udiv): seven 64-bit ones, a call each, ran before the first load */
+    const int64_t kslice = udiv(K, S), k_begin = blockIdx.x * kslice, k_end = k_begin + kslice;
+    const int64_t kb = udiv(K + gk - 1, gk);
     /* launched early after the activation quantize (PDL): its xq, xs, and y's memory, are
      * ready only after the wait */
     pdl_wait();
@@ -93,7 +94,7 @@ gemm_int8_skinny(const int8_t *__restrict__ xq, const float *__restrict__ xs, co
 #pragma unroll
         for (int e = 0; e < 2; e++) {
             int64_t c = n_warp + j * 8 + 2 * t + e;
-            wsc[j][e] = ws + ((c < N ? c : N - 1) / gn) * kb;
+            wsc[j][e] = ws + udiv(c < N ? c : N - 1, gn) * kb;
         }
     }
     const bool row0 = r < mv, row1 = MH > 1 && r + 8 < mv;
@@ -113,7 +114,7 @@ gemm_int8_skinny(const int8_t *__restrict__ xq, const float *__restrict__ xs, co
         }
     /* K-groups inside this block's slice (the split never cuts a group) */
     const int64_t chunks_per_group = gk < K ? gk / CK : INT64_MAX;
-    int64_t chunks_in_group = 0, group = gk < K ? k_begin / gk : 0;
+    int64_t chunks_in_group = 0, group = gk < K ? udiv(k_begin, gk) : 0;
     /* U chunks of weights requested before any is used (memory latency, see linear4.cu) */
     constexpr int U = 4;
     for (int64_t k0 = k_begin; k0 < k_end; k0 += U * CK) {

@@ -10,11 +10,6 @@
 
 namespace cq {
 
-/* a / b for non-negative a, b: 32-bit division where both fit */
-__device__ __forceinline__ int64_t udiv(int64_t a, int64_t b) {
-    return ((a | b) >> 32) == 0 ? (int64_t)((uint32_t)a / (uint32_t)b) : a / b;
-}
-
 __device__ __forceinline__ int8_t quant_one(float v, float s) {
     if (!(s > 0.0f))
         return 0;

@@ -100,7 +100,7 @@ linear4_staged(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     const uint32_t lane4 = (uint32_t)lane * 4u;
     const char *lut_bytes = reinterpret_cast<const char *>(lut);
     const int64_t row_tiles = (N + R - 1) / R;
-    const int64_t kslice = K / S, k_begin = blockIdx.x * kslice;
+    const int64_t kslice = udiv(K, S), k_begin = blockIdx.x * kslice;
     const int nchunks = (int)(kslice / CK), nstage = (nchunks + U - 1) / U;
     /* this thread's copies: weight rows/parts and one absmax column (128 % R == 0) */
     const int a_col = threadIdx.x % R, a_u0 = threadIdx.x / R;
