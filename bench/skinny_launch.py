@@ -91,8 +91,9 @@ MARKS = ["barriers set", "loads issued (producer)", "decode table built", "token
          "last tile's products", "y stored"]
 
 
-def timeline(M: int, K: int, N: int) -> list[float]:
-    """Cycles from block 0's first instruction to each of MARKS (knob skinny_probe = 4)."""
+def probed_timer(M: int, K: int, N: int, probe: int) -> GraphTimer:
+    """50 calls in a graph, each after x's op, weights rotated, under knob skinny_probe =
+    probe: the last call's y holds what the probe wrote."""
     torch.manual_seed(0)
     w = torch.randn(N, K, dtype=torch.bfloat16, device=DEV) * 0.02
     packed, absmax = ops.quantize_4bit(w, "nf4", 64)
@@ -104,7 +105,12 @@ def timeline(M: int, K: int, N: int) -> list[float]:
         torch.mul(x0, 1.0, out=x)
         return ops.linear_4bit(x, ps[i], absmax, "nf4", 64, (N, K))
 
-    timer = GraphTimer(produced_ours, len(ps), REPS, dict(skinny_probe=4, pdl=1))
+    return GraphTimer(produced_ours, len(ps), REPS, dict(skinny_probe=probe, pdl=1))
+
+
+def timeline(M: int, K: int, N: int) -> list[float]:
+    """Cycles from block 0's first instruction to each of MARKS (knob skinny_probe = 4)."""
+    timer = probed_timer(M, K, N, 4)
     rows = []
     for _ in range(9):
         timer.replay(1)
@@ -116,19 +122,8 @@ def timeline(M: int, K: int, N: int) -> list[float]:
 def block_spans(M: int, K: int, N: int) -> list[float]:
     """us from the first block's start: last start, first end, median end, last end, over
     the blocks of the kernel (knob skinny_probe = 6); medians of 9 replays."""
-    torch.manual_seed(0)
-    w = torch.randn(N, K, dtype=torch.bfloat16, device=DEV) * 0.02
-    packed, absmax = ops.quantize_4bit(w, "nf4", 64)
-    ps = rotated_copies(packed, packed.numel() + 4 * absmax.numel())
-    x0 = torch.randn(M, K, dtype=torch.bfloat16, device=DEV)
-    x = x0.clone()
-
-    def produced_ours(i):
-        torch.mul(x0, 1.0, out=x)
-        return ops.linear_4bit(x, ps[i], absmax, "nf4", 64, (N, K))
-
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    timer = GraphTimer(produced_ours, len(ps), REPS, dict(skinny_probe=6, pdl=1))
+    timer = probed_timer(M, K, N, 6)
     rows = []
     for _ in range(9):
         timer.out.view(torch.int32).fill_(-1)  # words no block wrote stay -1 (start == end)
