@@ -77,7 +77,7 @@ _load_cuda()
 CUDA_KNOBS = {"gemm_int8": 0, "linear_4bit": 1, "split_k": 2, "skinny_tile": 3, "linear_int8": 4,
               "skinny_probe": 5, "stream_stages": 6, "stream_xreg": 7, "gemm_probe": 8,
               "gemm_tail": 9, "gemm_stages": 10,
-              "pdl": 11, "stream_ab": 12}  # skinny_probe, gemm_probe: benchmarks only (results are wrong)
+              "pdl": 11, "stream_ab": 12, "stream_half": 13}  # skinny_probe, gemm_probe: benchmarks only (results are wrong)
 
 
 def cuda_kernel_variant(knob: str, value: int) -> int:

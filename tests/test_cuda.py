@@ -367,16 +367,18 @@ def streamed_variants(case, dtype, codebook, runs):
 @pytest.mark.parametrize("dtype,codebook", [(torch.bfloat16, "nf4"), (torch.float16, "fp4")])
 def test_linear_4bit_streamed(case, dtype, codebook):
     """The sm_90 streamed kernel, forced (knob 3 refuses rather than falling back), with
-    its tokens staged in shared memory and in registers, and its absmax copied row by row
-    (forced in turn; each refuses what it cannot take): the same result as the staged
-    kernel up to float32 summation order, and against the reference."""
+    its tokens staged in shared memory and in registers, its absmax copied row by row, and
+    a block's one-octet tile last instead of first (forced in turn; each refuses what it
+    cannot take): the same result as the staged kernel up to float32 summation order, and
+    against the reference."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the streamed kernel needs sm_90")
     M, N, K, group = case
     runs = [("staged kernel", {"linear_4bit": 2}, True)]
-    for name, tokens, ab in (("streamed, tokens staged", 1, 0), ("streamed, tokens in registers", 2, 0),
-                             ("streamed, absmax row by row", 1, 1)):
-        runs.append((name, {"linear_4bit": 3, "stream_xreg": tokens, "stream_ab": ab},
+    for name, tokens, ab, half in (("streamed, tokens staged", 1, 0, 0), ("streamed, tokens in registers", 2, 0, 0),
+                                   ("streamed, absmax row by row", 1, 1, 0),
+                                   ("streamed, one-octet tile last", 2, 0, 1)):
+        runs.append((name, {"linear_4bit": 3, "stream_xreg": tokens, "stream_ab": ab, "stream_half": half},
                      stream_fits(M, N, K, group, tokens == 2, absmax_rows=ab == 1)))
     outs = streamed_variants(case, dtype, codebook, runs)
     assert len(outs) >= 2, ("no streamed variant ran", case)

@@ -71,7 +71,8 @@ enum Knob {
                             linear (benchmark) */
     KNOB_STREAM_AB = 12, /* streamed 4-bit kernel: 1 = absmax copied row by row (benchmark; default: a stage of
                             whole rows takes its absmax in one copy) */
-    KNOB_COUNT = 13
+    KNOB_STREAM_HALF = 13,/* streamed 4-bit kernel: 1 = a block's one-octet tile last (benchmark; default: first) */
+    KNOB_COUNT = 14
 };
 CQ_HIDDEN int knob(int which);
 

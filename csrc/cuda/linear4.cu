@@ -378,6 +378,7 @@ struct StreamLayout {
     int kl;          /* K / ksplit, a block's slice of K */
     int oct_q, oct_r; /* octets a group: oct_q, one more for the first oct_r groups */
     int early;       /* launched early (knob pdl = 2): the table before the wait for x */
+    int half_first;  /* a block's one-octet tile first (knob stream_half = 1: last) */
     /* last: with it between `as` and `xs`, nvcc 13 (sm_90a) kept the 16-token kernel's shared
      * base in a vector register and added it to each decode-table load (an IMAD a load,
      * 52 more; the lookups lost their [R + UR] form): 16 tokens 2-5% slower, runs 99-101.
@@ -448,11 +449,14 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     const int64_t o_begin = (int64_t)grp * L.oct_q + (grp < L.oct_r ? grp : L.oct_r);
     const int n_oct = L.oct_q + (grp < L.oct_r);
     const int tiles = (n_oct + 1) / 2;
+    /* a block with an odd count of octets has one tile of one octet (rows 0-7): first
+     * (its stage, half the copies, comes in sooner), or last (knob stream_half = 1) */
+    const int one_octet_tile = (n_oct & 1) ? (L.half_first ? 0 : tiles - 1) : -1;
     /* weight row `row` (0-15) of tile `tile`, or -1 past the block's octets or N */
     auto tile_row = [&](int tile, int row) -> int64_t {
-        const int64_t i = 2 * (int64_t)tile + (row >> 3);
+        const int64_t i = 2 * (int64_t)tile - (one_octet_tile >= 0 && tile > one_octet_tile) + (row >> 3);
         const int64_t n = 8 * (o_begin + i) + (row & 7);
-        return i < n_oct && n < N ? n : -1;
+        return i < n_oct && n < N && !(tile == one_octet_tile && row >= 8) ? n : -1;
     };
     /* K split over the cluster: the blocks' sums of each row meet here, added in rank order
      * (deterministic) by the block of rank tile % KS, with bias */
@@ -689,11 +693,11 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                     }
             };
             const bool probe_loads = probe == 1 || probe == 2; /* probes: the stream alone */
-            /* half: the tile is one octet (the last of a block with an odd count): rows 8-15
-             * neither loaded nor looked up (384 octets on 132 SMs: most blocks hold 3, so 1.5
-             * tiles of lookups instead of 2). Not with 9-16 tokens: the second copy of the
-             * decode spilled there (168 registers) */
-            const bool half = NT == 1 && 2 * (int64_t)tile + 1 >= n_oct;
+            /* half: the tile is one octet (one_octet_tile): rows 8-15 neither loaded nor
+             * looked up (384 octets on 132 SMs: most blocks hold 3, so 1.5 tiles of lookups
+             * instead of 2). Not with 9-16 tokens: the second copy of the decode spilled
+             * there (168 registers) */
+            const bool half = NT == 1 && tile == one_octet_tile;
             auto decode_set = [&](auto il, int c_first, int c_end, auto &&token) {
                 if (half)
                     chunk_set(il, Count<1>(), c_first, c_end, token);
@@ -940,6 +944,7 @@ static int run_stream_variant(const DeviceInfo &dev, const T *x, const uint8_t *
     L.oct_q = (int)(octets / groups);
     L.oct_r = (int)(octets % groups);
     L.early = knob(KNOB_PDL) == 2;
+    L.half_first = knob(KNOB_STREAM_HALF) != 1;
     cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, x, packed, absmax, bias, y, (int)M, N, K, lg, codebook, L,
                                          knob(KNOB_SKINNY_PROBE));
     if (err != cudaSuccess) {
