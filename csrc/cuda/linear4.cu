@@ -204,23 +204,11 @@ linear4_staged(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             const float *ab = ast + (st % STAGES) * U * R;
             const unsigned char *xb = xst + (st % STAGES) * SH::XST;
             const int c0 = st * U;
-            uint32_t xa0[XW], xa1[MH > 1 ? XW : 1];
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                if (c0 + u >= nchunks)
-                    break;
-                load_x(xb, u, xa0, xa1);
-                if (probe) { /* benchmark probe: the stream alone, no decode or MMA */
-#pragma unroll
-                    for (int j = 0; j < NT; j++)
-                        acc[j][0] += __uint_as_float(*reinterpret_cast<const uint32_t *>(
-                                         wb + (wrow + j * 8) * RS + u * CB + t * BYTES) & 0x007fffffu) +
-                                     ab[u * R + acol0 + j * 8] + __uint_as_float(xa0[0] & 0x007fffffu);
-                    continue;
-                }
-                /* the NT tiles' MMAs interleaved, two accumulators each (even and odd
-                 * steps): 2 * NT independent chains instead of one chain of STEPS * NT
-                 * (run 7: the decode was latency-bound, ~3 warps a scheduler) */
+            /* chunk u of the stage. The NT tiles' MMAs interleaved, two accumulators each
+             * (even and odd steps): 2 * NT independent chains instead of one chain of
+             * STEPS * NT (run 7: the decode was latency-bound, ~3 warps a scheduler) */
+            uint32_t xa0[XW], xa1[MH > 1 ? XW : 1]; /* chunk u's tokens (load_x) */
+            auto chunk = [&](int u) {
                 uint32_t ww[NT][WORDS];
                 float2 am[NT];
 #pragma unroll
@@ -267,6 +255,34 @@ linear4_staged(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                     acc[j][2] = fmaf(tmp[j][0][2] + tmp[j][1][2], am[j].x, acc[j][2]);
                     acc[j][3] = fmaf(tmp[j][0][3] + tmp[j][1][3], am[j].y, acc[j][3]);
                 }
+            };
+            /* 9-16 tokens: a whole stage without a branch a chunk, so that the chunks' MMA
+             * chains interleave (a break a chunk kept them apart, run 105's finding in the
+             * streamed kernel; on the H200, forced: -12% to -16%, runs 123-124). 1-8 tokens,
+             * and the last, partial stage: chunk by chunk (1-8 tokens a whole stage: +1% to
+             * +8%, run 123) */
+            if (MH > 1 && !probe && c0 + U <= nchunks) {
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    load_x(xb, u, xa0, xa1);
+                    chunk(u);
+                }
+                continue;
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (c0 + u >= nchunks)
+                    break;
+                load_x(xb, u, xa0, xa1);
+                if (probe) { /* benchmark probe: the stream alone, no decode or MMA */
+#pragma unroll
+                    for (int j = 0; j < NT; j++)
+                        acc[j][0] += __uint_as_float(*reinterpret_cast<const uint32_t *>(
+                                         wb + (wrow + j * 8) * RS + u * CB + t * BYTES) & 0x007fffffu) +
+                                     ab[u * R + acol0 + j * 8] + __uint_as_float(xa0[0] & 0x007fffffu);
+                    continue;
+                }
+                chunk(u);
             }
         }
         cp_async_wait<0>();
