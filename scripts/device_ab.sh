@@ -6,7 +6,8 @@
 # baseline in .devcarry/old/prebuilt (in a worktree of the old commit:
 # `bash scripts/prebuild_sm90a.sh <repo>/.devcarry/old`) or .devcarry/old itself; carry
 # both. First the streamed and 4-bit tests on the build under test (TESTS="": all of
-# tests/test_cuda.py; TESTS=expr: -k expr), then ROUNDS (default 2) turns of new, old. Output: $OUT/ab.txt.
+# tests/test_cuda.py; TESTS=expr: -k expr), then ROUNDS (default 2) turns of new, old.
+# Output: $OUT/ab.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=${DEVCARRY:-$PWD/.devcarry}

@@ -258,7 +258,7 @@ linear4_staged(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             };
             /* 9-16 tokens: a whole stage without a branch a chunk, so that the chunks' MMA
              * chains interleave (a break a chunk kept them apart, run 105's finding in the
-             * streamed kernel; on the H200, forced: -12% to -16%, runs 123-124). 1-8 tokens,
+             * streamed kernel; on the H200, forced: -9% to -14%, runs 123-125). 1-8 tokens,
              * and the last, partial stage: chunk by chunk (1-8 tokens a whole stage: +1% to
              * +8%, run 123) */
             if (MH > 1 && !probe && c0 + U <= nchunks) {
@@ -721,8 +721,10 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
                     chunk_set(il, Count<0>(), c_first, c_end, token);
             };
             if constexpr (XREG) {
-                /* three chunks a set (16-byte chunks one: more spilled beside 96 registers
-                 * of tokens); a slot past c_hi has zero tokens (xr) */
+                /* a warp's six chunks in one set with 1-8 tokens (two sets of three: within
+                 * the spread, -1% at 1 token, run 118), three with 9-16 (their kernel is at
+                 * its 168 registers), one with 16-byte chunks (more spilled beside 96
+                 * registers of tokens); a slot past c_hi has zero tokens (xr) */
                 constexpr int IL = BYTES >= 16 ? 1 : (NT == 1 ? 6 : 3);
                 static_assert(XCPW % IL == 0, "whole sets of chunks");
 #pragma unroll
