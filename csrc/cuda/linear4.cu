@@ -352,10 +352,11 @@ static int run_staged(const DeviceInfo &dev, const T *x, const uint8_t *packed, 
  * Why (runs 5-9 and 20 of docs/CUDA_NOTES.md): linear4_staged streams short K slices with
  * cp.async, 2 stages deep, and waits about one memory latency a stage; here 3-8 stages are
  * in flight an SM, issued by one thread, and there is no split-K between blocks but that
- * of a cluster (stream_split). What bounds it now (runs 105-115 of docs/CUDA_NOTES.md): the
- * consumers' instruction issue (~450 instructions a warp a tile, 2 warps a scheduler, about
- * half the issue slots used; a lookup a byte of weights), ~4 us a call before any byte, and
- * the stream (alone 8.4 us at 3072 -> 12288, the op 10.9). */
+ * of a cluster (stream_split). What bounds it now (runs 105-121 of docs/CUDA_NOTES.md): the
+ * decode's table lookups, one shared-memory wavefront for 32 bytes of weights where DRAM
+ * brings 32 bytes a cycle an SM (a tile runs at ~56% of shared-memory bandwidth and ~49% of
+ * the issue slots, ~464 instructions a warp), and a call's fixed part (~1.5 us between
+ * kernels, the first stage ~1.5 us into the kernel where every SM asks at once). */
 /* Tokens in registers (XREG): where a tile is one stage (at most 48 chunks of K, K split
  * over a cluster of 2-8 blocks where a row is longer), a consumer warp works on the same
  * chunks of every tile, so it loads their B fragments from global memory once, at the
@@ -509,7 +510,8 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
     const uint32_t xbar = s_addr(bars + 2 * L.S);
     /* the producer sets the barriers and goes on to its copies; the consumers meet it at
      * named barrier 2 before their first wait on one (no block-wide barrier on the path to
-     * the first copy) */
+     * the first copy): the producer arrives, the consumers wait */
+    auto barriers_set_arrive = [] { asm volatile("bar.arrive 2, %0;\n" ::"n"(32 * (CW + 1)) : "memory"); };
     auto barriers_set = [] { asm volatile("bar.sync 2, %0;\n" ::"n"(32 * (CW + 1)) : "memory"); };
 
     /* launched early (knob pdl = 2): the previous kernel may still run until pdl_wait; until
@@ -526,7 +528,7 @@ linear4_stream(const T *__restrict__ x, const uint8_t *__restrict__ packed, cons
             mark(1);
         }
         __syncwarp();
-        asm volatile("bar.arrive 2, %0;\n" ::"n"(32 * (CW + 1)) : "memory");
+        barriers_set_arrive();
         pdl_wait();
         pdl_release();
         if constexpr (!XREG) {
