@@ -12,6 +12,10 @@ Rows per (K, N, layout), ms and ratio to bf16 F.linear on fresh weights:
   gemm cold, knobs   with --alt knob=value: the GEMM alone with those kernel knobs (A/B)
   op, knobs   with --alt: the op with those knobs
   op - parts  op minus (act quant + gemm cold): what the sum does not explain
+--timeline: instead, where CTA 0's two consumer warpgroups spend a K-tile (knob gemm_probe =
+4, per-group scales: lode and block): the SM's clock when the stage is ready (p0), the MMAs
+issued (p1) and done (p2), and the group promoted and the stage released (p3), for the
+first 128 K-tiles. With --alt gemm_probe=1: the same without the promotion.
 --ksweep: the GEMM alone (int8_row) at M x N for K from 128 up, to split its time into
 a per-tile fixed part and a per-K-step part (time = rounds x (fixed + K/128 x step)).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +36,7 @@ from comfy_quant_native import layouts as L  # noqa: E402
 from comfy_quant_native import ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_ops import (DEV, SHAPES, gemm_alone, rotated_copies, time_graph,  # noqa: E402
+from gpu_ops import (DEV, SHAPES, gemm_alone, kernel_variants, rotated_copies, time_graph,  # noqa: E402
                      time_graphs_interleaved)
 
 GROUPS = {"int8_row": None, "int8_lode": 128, "int8_block": 128}
@@ -44,6 +49,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--shape", help="K,N: only this shape (default: gpu_ops.SHAPES)")
     ap.add_argument("--ksweep", type=int, default=0, help="N for a K sweep of the int8_row GEMM")
+    ap.add_argument("--timeline", action="store_true")
     ap.add_argument("--alt", action="append", default=[],
                     help="knob=value (ops.CUDA_KNOBS), repeatable: two more columns, the GEMM alone and the op "
                          "with them")
@@ -51,6 +57,12 @@ def main() -> None:
     M, reps = args.M, args.reps
     if args.ksweep:
         ksweep(M, args.ksweep, reps)
+        return
+    if args.timeline:
+        K, N = (int(v) for v in (args.shape or "3072,12288").split(","))
+        for lay in args.layouts.split(","):
+            if GROUPS[lay]:
+                timeline(M, K, N, lay, dict((k, int(v)) for k, _, v in (a.partition("=") for a in args.alt)))
         return
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {M}")
     alt = dict((k, int(v)) for k, _, v in (item.partition("=") for item in args.alt))
@@ -99,6 +111,60 @@ def main() -> None:
                   f" {t_op - t_aq - t_cold:+.4f} | {tops:.0f} |", flush=True)
         del calls, ws_bf16, w, x
         torch.cuda.empty_cache()
+
+
+TL_REC = 128  # K-tiles a consumer warpgroup stamps (gemm_int8_sm90.cu, Sm90Cfg::TL_REC)
+
+
+def timeline(M: int, K: int, N: int, lay: str, alt: dict) -> None:
+    """CTA 0's consumer warpgroups, K-tile by K-tile (knob gemm_probe = 4, with ``alt``'s
+    other knobs): cycles between the four points of a K-tile (the module docstring names
+    them) and from the last to the next K-tile's first; and how far apart the two
+    warpgroups' third points lie. Medians over K-tiles 8..127 of 5 calls."""
+    w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    g = GROUPS[lay]
+    q, s = ops.quantize_int8(w, lay, g)
+    gs = L.check_group_size(lay, g, K)
+    gn, gk = L.int8_tile(lay, gs, K)
+    xq, xs = ops.quantize_int8_act(x, L.act_group_k(lay, gs, K))
+    gemm = gemm_alone(xq, xs, s, N, gn, gk)
+    knobs = dict(alt)
+    knobs["gemm_probe"] = 4 | alt.get("gemm_probe", 0)  # other probe bits kept (ops.CUDA_KNOBS)
+    samples = []
+    with kernel_variants(**knobs):
+        for _ in range(6):
+            y = gemm(q)
+            torch.cuda.synchronize()
+            words = y[:16, :192].contiguous().view(torch.int32)[:, :96].reshape(-1)[:2 * TL_REC * 4]
+            samples.append(words.cpu().tolist())
+    rows = []
+    for words in samples[1:]:
+        st = [[[words[(wg * TL_REC + i) * 4 + j] % (1 << 32) for j in range(4)] for i in range(TL_REC)]
+              for wg in range(2)]
+        t0 = min(st[0][0][0], st[1][0][0])
+        rel = [[[(v - t0) % (1 << 32) for v in k] for k in wgst] for wgst in st]
+        for i in range(8, TL_REC - 1):
+            for wg in range(2):
+                a, b = rel[wg][i], rel[wg][i + 1]
+                rows.append((wg, b[0] - a[0], a[1] - a[0], a[2] - a[1], a[3] - a[2], b[0] - a[3],
+                             rel[1][i][2] - rel[0][i][2]))
+    med = statistics.median
+    print(f"# {lay}, {K} -> {N}, M = {M}, knobs {alt or '-'}: CTA 0's K-tiles 8..{TL_REC - 1}, cycles (medians; "
+          "mean in brackets)")
+    print("| warpgroup | period | p0 -> p1 | p1 -> p2 | p2 -> p3 | p3 -> next p0 | warpgroup 1's p2 after 0's |")
+    print("|---|---|---|---|---|---|---|")
+    for wg in range(2):
+        r = [row[1:] for row in rows if row[0] == wg]
+        cols = [f"{med(c):.0f} ({statistics.fmean(c):.0f})" for c in zip(*r)]
+        print(f"| {wg} | " + " | ".join(cols) + " |")
+    first = samples[-1]
+    print("K-tiles 0-11 of the last call (p0 / p1 / p2 / p3, cycles from the first p0):")
+    t0 = min(first[0], first[TL_REC * 4])
+    for wg in range(2):
+        print(f"  warpgroup {wg}: " + "  ".join(
+            "/".join(str((first[(wg * TL_REC + i) * 4 + j] - t0) % (1 << 32)) for j in range(4)) for i in range(12)))
+    sys.stdout.flush()
 
 
 def ksweep(M: int, N: int, reps: int) -> None:

@@ -63,7 +63,9 @@ enum Knob {
                              and end in y (--blocks) */
     KNOB_STREAM_STAGES = 6,/* at most this many stages in the streamed 4-bit kernel's ring (>= 2) */
     KNOB_STREAM_XREG = 7,/* streamed 4-bit kernel's tokens: 1 staged in shared memory, 2 in registers */
-    KNOB_GEMM_PROBE = 8, /* benchmark probe, wrong results: sm90 W8A8 with per-group scales, 1 = no promotion */
+    KNOB_GEMM_PROBE = 8, /* benchmark probe, wrong results: sm90 W8A8 with per-group scales, bits: 1 = no
+                            promotion, 4 = CTA 0's consumers' K-tile timeline in y (bench/w8a8_parts.py
+                            --timeline) */
     KNOB_GEMM_TAIL = 9,  /* sm90 W8A8, one K-group, K split of the last round's tiles: 1 = off, 2 = required (else refused) */
     KNOB_GEMM_STAGES = 10,/* sm90 W8A8, one K-group: 3 = 3 stages and the whole tile of y staged, 4 = 4 stages and one 64-column box (default: 4 where K >= 8192) */
     KNOB_PDL = 11,       /* programmatic dependent launch (sm_90) of the W8A8 GEMMs (skinny; wgmma with row

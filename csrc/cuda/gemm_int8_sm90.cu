@@ -56,7 +56,11 @@ template <int BN, bool PROMOTE, bool NARROW> struct Sm90Cfg {
     static constexpr int EPI_FLOATS = 2 * BN + SM90_BM;
     static constexpr int EPI_OFF = STG_OFF + SM90_BM * 64 * STG_BOXES * 2;
     static constexpr int BARS_OFF = EPI_OFF + 2 * EPI_FLOATS * 4;
-    static constexpr int SMEM = 1024 + BARS_OFF + (2 * STAGES + 4) * 8;
+    /* knob gemm_probe = 4 (benchmark): CTA 0's consumers' clock at 4 points of each of
+     * their first TL_REC K-tiles (per-group scales only) */
+    static constexpr int TL_REC = 128;
+    static constexpr int TL_OFF = BARS_OFF + (2 * STAGES + 4) * 8;
+    static constexpr int SMEM = 1024 + TL_OFF + (PROMOTE ? 2 * TL_REC * 4 * 4 : 0);
     static_assert(SMEM <= 227 * 1024, "more than sm_90's 227 KB of shared memory a block");
 };
 
@@ -246,6 +250,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
     const uint32_t stg_s = base + Cfg::STG_OFF;
     float *epi = reinterpret_cast<float *>(gbase + Cfg::EPI_OFF);
     const uint32_t bars = base + Cfg::BARS_OFF;
+    uint32_t *tl = reinterpret_cast<uint32_t *>(gbase + Cfg::TL_OFF); /* probe 4's timeline */
     auto full = [&](int s) { return bars + 8u * s; };
     auto empty = [&](int s) { return bars + 8u * (STAGES + s); };
     auto epi_full = [&](int b) { return bars + 8u * (2 * STAGES + b); };
@@ -433,12 +438,16 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
             } else {
                 /* Promotion: at the end of each K-group the group's int32 sums become
                  * float32 with its scale. A warpgroup waits for its own MMAs, then
-                 * promotes while the other warpgroup's MMAs run. (Two int32 sets, each
-                 * group promoted under the next group's MMAs of the same warpgroup, ran
-                 * slower: run 61. The promotion's instructions add their own time to the
-                 * tile's whichever way they are ordered: runs 49-52, 61-62.) Knob
-                 * gemm_probe (benchmarks only, wrong results): 1 leaves the promotion out
-                 * (run 62: 0.25 of 0.40 ms at 3072 -> 12288). */
+                 * promotes while the other warpgroup's MMAs run. What bounds it (run 126,
+                 * the probe-4 timeline, 3072 -> 12288): a K-tile takes ~1550 cycles, where
+                 * its MMAs need 768 (~800 without the promotion): a warpgroup's own chain,
+                 * MMAs ~400, promotion ~600 (~350 of it without its scale loads), release
+                 * to the next issue ~450, is far longer than the other warpgroup's ~384
+                 * cycles of MMAs. The columns in two halves, one half's MMAs running
+                 * while the other is promoted (run 127-129), were no faster: the
+                 * promotion's ~216 instructions a warp issue at ~2.8 cycles each. (Two
+                 * int32 sets at 128 wide: slower, run 61; turns, a third warpgroup, a
+                 * magic-number conversion: runs 19-20, 49-52.) */
                 /* Block scales (per-group token scales, weight blocks gn wide, gn a multiple
                  * of 64 and >= 128): the tile's first wsplit columns lie in one weight block
                  * and the rest in the next; wsplit is 64, 128 or >= BN (n0 and gn are
@@ -447,56 +456,82 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                  * 62: with a select per 8 columns, ptxas multiplied per 8 columns) */
                 const bool two_blocks = XS_GROUPED && gn % 64 == 0 && gn >= 128;
                 const int wsplit = two_blocks ? (int)(gn - n0 % gn) : BN;
-                auto promote_split = [&](auto split_c, const float *wst) {
-                    constexpr int SPLIT = decltype(split_c)::value; /* columns in the first block */
-                    const float xg0 = wst[BN + r0], xg1 = wst[BN + r0 + 8];
-                    const float wa = wst[0], wb = wst[SPLIT < BN ? SPLIT : BN - 1];
-                    const float sa0 = xg0 * wa, sa1 = xg1 * wa, sb0 = xg0 * wb, sb1 = xg1 * wb;
+                /* accf += acc x the group's scales (knob gemm_probe, benchmarks only: 1
+                 * leaves the promotion out) */
+                auto promote = [&](const float *wst) {
+                    auto split = [&](auto split_c) {
+                        constexpr int SPLIT = decltype(split_c)::value; /* columns in the first block */
+                        const float xg0 = wst[BN + r0], xg1 = wst[BN + r0 + 8];
+                        const float wa = wst[0], wb = wst[SPLIT < BN ? SPLIT : BN - 1];
+                        const float sa0 = xg0 * wa, sa1 = xg1 * wa, sb0 = xg0 * wb, sb1 = xg1 * wb;
+#pragma unroll
+                        for (int i = 0; i < BN / 8; i++) {
+                            const float s0 = 8 * i < SPLIT ? sa0 : sb0, s1 = 8 * i < SPLIT ? sa1 : sb1;
+                            accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], s0, accf[4 * i + 0]);
+                            accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], s0, accf[4 * i + 1]);
+                            accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], s1, accf[4 * i + 2]);
+                            accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], s1, accf[4 * i + 3]);
+                        }
+                    };
+                    if (probe & 1)
+                        return;
+                    if (two_blocks) {
+                        if (wsplit == 64)
+                            split(std::integral_constant<int, 64>());
+                        else if (wsplit == 128)
+                            split(std::integral_constant<int, 128>());
+                        else
+                            split(std::integral_constant<int, BN>());
+                        return;
+                    }
+                    const float xg0 = XS_GROUPED ? wst[BN + r0] : 1.0f;
+                    const float xg1 = XS_GROUPED ? wst[BN + r0 + 8] : 1.0f;
 #pragma unroll
                     for (int i = 0; i < BN / 8; i++) {
-                        const float s0 = 8 * i < SPLIT ? sa0 : sb0, s1 = 8 * i < SPLIT ? sa1 : sb1;
-                        accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], s0, accf[4 * i + 0]);
-                        accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], s0, accf[4 * i + 1]);
-                        accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], s1, accf[4 * i + 2]);
-                        accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], s1, accf[4 * i + 3]);
+                        const float2 w2 = *reinterpret_cast<const float2 *>(wst + 8 * i + 2 * t);
+                        const float s00 = XS_GROUPED ? xg0 * w2.x : w2.x, s01 = XS_GROUPED ? xg0 * w2.y : w2.y;
+                        const float s10 = XS_GROUPED ? xg1 * w2.x : w2.x, s11 = XS_GROUPED ? xg1 * w2.y : w2.y;
+                        accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], s00, accf[4 * i + 0]);
+                        accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], s01, accf[4 * i + 1]);
+                        accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], s10, accf[4 * i + 2]);
+                        accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], s11, accf[4 * i + 3]);
                     }
                 };
 #pragma unroll
                 for (int i = 0; i < BN / 2; i++)
                     accf[i] = 0.0f;
-                for (int kt = kt0; kt < kt1; kt++, it++) {
+                /* probe 4: the first warp of each consumer warpgroup of CTA 0 stamps 4 points
+                 * of each K-tile (bench/w8a8_parts.py --timeline names them) */
+                const bool tl_rec = (probe & 4) && blockIdx.x == 0 && wl == 0 && lane == 0;
+                auto stamp = [&](int j) {
+                    if (tl_rec && it < Cfg::TL_REC) {
+                        uint32_t c;
+                        asm volatile("mov.u32 %0, %%clock;\n" : "=r"(c)::"memory");
+                        tl[(cw * Cfg::TL_REC + it) * 4 + j] = c;
+                    }
+                };
+                /* K-tile kt's place in its group, kept without a division a K-tile; a K part
+                 * may start or end inside a group: its share of the group's sum takes the
+                 * group's scale all the same */
+                int in_group = kt0 % tiles_per_group;
+                auto step_group = [&] {
+                    if (++in_group == tiles_per_group)
+                        in_group = 0;
+                };
+                for (int kt = kt0; kt < kt1; kt++, it++, step_group()) {
                     const int s = it % STAGES;
-                    const int in_group = kt % tiles_per_group;
-                    /* a K part may start or end inside a group: its share of the group's
-                     * sum takes the group's scale all the same */
                     const bool last = in_group == tiles_per_group - 1 || kt == kt1 - 1;
                     mbar_wait(full(s), (uint32_t)(it / STAGES) & 1u);
+                    stamp(0); /* stage ready */
                     issue(acc, s, in_group > 0 && kt > kt0);
+                    stamp(1); /* MMAs issued */
                     wgmma_wait<0>();
                     fence_regs(acc);
-                    const float *wst = wsm + s * WS_FLOATS;
-                    if (last && probe != 1 && two_blocks) {
-                        if (wsplit == 64)
-                            promote_split(std::integral_constant<int, 64>(), wst);
-                        else if (wsplit == 128)
-                            promote_split(std::integral_constant<int, 128>(), wst);
-                        else
-                            promote_split(std::integral_constant<int, BN>(), wst);
-                    } else if (last && probe != 1) {
-                        const float xg0 = XS_GROUPED ? wst[BN + r0] : 1.0f;
-                        const float xg1 = XS_GROUPED ? wst[BN + r0 + 8] : 1.0f;
-#pragma unroll
-                        for (int i = 0; i < BN / 8; i++) {
-                            const float2 w2 = *reinterpret_cast<const float2 *>(wst + 8 * i + 2 * t);
-                            const float s00 = XS_GROUPED ? xg0 * w2.x : w2.x, s01 = XS_GROUPED ? xg0 * w2.y : w2.y;
-                            const float s10 = XS_GROUPED ? xg1 * w2.x : w2.x, s11 = XS_GROUPED ? xg1 * w2.y : w2.y;
-                            accf[4 * i + 0] = fmaf((float)acc[4 * i + 0], s00, accf[4 * i + 0]);
-                            accf[4 * i + 1] = fmaf((float)acc[4 * i + 1], s01, accf[4 * i + 1]);
-                            accf[4 * i + 2] = fmaf((float)acc[4 * i + 2], s10, accf[4 * i + 2]);
-                            accf[4 * i + 3] = fmaf((float)acc[4 * i + 3], s11, accf[4 * i + 3]);
-                        }
-                    }
+                    stamp(2); /* MMAs done */
+                    if (last)
+                        promote(wsm + s * WS_FLOATS);
                     release(s);
+                    stamp(3); /* promoted, stage released */
                 }
             }
 
@@ -630,6 +665,12 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
         }
         if (storer)
             bulk_wait_all(); /* stg must outlive the last store */
+        if (PROMOTE && (probe & 4) && blockIdx.x == 0 && M >= 16 && N >= 192 && N % 2 == 0) {
+            /* the timeline over the stored tile 0 (CTA 0's first work): 96 words a row of y */
+            consumers_sync();
+            for (int i = tid - 128; i < 2 * Cfg::TL_REC * 4; i += 256)
+                reinterpret_cast<uint32_t *>(y + (int64_t)(i / 96) * N)[i % 96] = tl[i];
+        }
     }
     /* the peer may still arrive on this CTA's barriers: leave together */
     if (MCAST) {
