@@ -16,7 +16,9 @@ heats; time_graphs_interleaved). Rows:
   bnb       bitsandbytes.matmul_4bit (4-bit)
   int_mm    torch._int_mm on int8 operands (no quantization or scaling counted; M > 16)
 Floors: bytes that must move at the measured copy bandwidth (dequantize/quantize; and
-the nf4 linear at M <= 16: its packed weight, absmax, x and y, the "nf4 floor" column).
+the nf4 linear at M <= 16: its packed weight, absmax, x and y, the "nf4 floor" column);
+at M >= 256, 2 M N K operations at the tensor cores' dense peak at the card's highest SM
+clock ("bf16 MMA floor", "int8 MMA floor"; sm_80 and sm_90 only: mma_peaks()).
 A call also has a fixed cost no byte count explains (bench/skinny_launch.py: ~1.2 us for a
 trivial kernel in this timing, ~4 us for our smallest 4-bit call).
 """
@@ -415,14 +417,40 @@ def bench_variants(rows: list[dict], only_4bit: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------- report
+# dense tensor-core operations a clock an SM (an FMA is 2): (bf16 -> f32, int8 -> s32)
+MMA_OPS_PER_CLOCK = {(8, 0): (2048, 4096), (9, 0): (4096, 8192)}
+
+
+def mma_peaks() -> dict | None:
+    """{"bf16": ops/s, "int8": ops/s} at the highest SM clock nvidia-smi reports (the clock
+    under load is lower, so the floor is a lower bound), or None on other cards."""
+    props = torch.cuda.get_device_properties(0)
+    per_clock = MMA_OPS_PER_CLOCK.get((props.major, props.minor))
+    if per_clock is None:
+        return None
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30).stdout
+        hz = float(out.split()[0]) * 1e6
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+    sms = props.multi_processor_count
+    return {"bf16": per_clock[0] * sms * hz, "int8": per_clock[1] * sms * hz}
+
+
 def nf4_linear_bytes(M: int, K: int, N: int, group: int = 64) -> int:
     """Bytes an nf4 linear must move: packed weight, float32 absmax, bf16 x and y."""
     return N * K // 2 + 4 * (N * K // group) + 2 * M * K + 2 * M * N
 
 
-def print_tables(rows, bw, header):
+def print_tables(rows, bw, header, peaks: dict | None = None):
     print(header)
     print(f"copy bandwidth (read + write): {bw:.0f} GB/s")
+    if peaks:
+        print(f"tensor-core dense peak at the highest SM clock: bf16 {peaks['bf16'] / 1e12:.0f} TFLOPS, "
+              f"int8 {peaks['int8'] / 1e12:.0f} TOPS")
     print("\n## dequantize / quantize (bf16), vs copy bandwidth")
     print("| op | layout | N x K | ms | GB/s | % copy BW | floor ms |")
     print("|---|---|---|---|---|---|---|")
@@ -440,6 +468,12 @@ def print_tables(rows, bw, header):
         lin = lin + [dict(r, method="nf4 floor", ms=nf4_linear_bytes(r["M"], r["K"], r["N"]) / (bw * 1e9) * 1e3)
                      for r in lin if r["method"] == "ours nf4" and r["M"] <= 16]
         methods.append("nf4 floor")
+    if peaks and any(r["M"] >= 256 for r in lin):
+        for kind in ("bf16", "int8"):
+            name = f"{kind} MMA floor"
+            lin = lin + [dict(r, method=name, ms=2 * r["M"] * r["N"] * r["K"] / peaks[kind] * 1e3)
+                         for r in lin if r["method"] == "bf16" and r["M"] >= 256]
+            methods.append(name)
     print("\n## linear: ms (ratio to bf16 cuBLAS, same run); negative ms = eager timing (capture failed)")
     print("| K, N | M | " + " | ".join(methods) + " |")
     print("|---|---|" + "---|" * len(methods))
@@ -501,9 +535,11 @@ def main():
         print("linear done", flush=True)
     if args.variants or args.variants_4bit:
         bench_variants(rows, only_4bit=args.variants_4bit)
+    peaks = mma_peaks()
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(header=header, bw=bw, rows=rows, correctness=bad), indent=1))
-    print_tables(rows, bw, header)
+        Path(args.json).write_text(json.dumps(dict(header=header, bw=bw, peaks=peaks, rows=rows, correctness=bad),
+                                              indent=1))
+    print_tables(rows, bw, header, peaks)
     if bad:
         sys.exit(1)
 
