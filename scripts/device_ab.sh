@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two builds timed in turns in one device call (the calls of a session drift by 3-5%, so
 # only an in-call comparison is trusted), from the repository root:
-#     bash scripts/device_ab.sh [bench/skinny_launch.py arguments...]
+#     bash scripts/device_ab.sh [bench script arguments...]
+# The bench script: BENCH (default bench/skinny_launch.py; e.g. bench/w8a8_parts.py).
 # Builds: .devcarry/prebuilt (the one under test, scripts/prebuild_sm90a.sh) and the
 # baseline in .devcarry/old/prebuilt (in a worktree of the old commit:
 # `bash scripts/prebuild_sm90a.sh <repo>/.devcarry/old`) or .devcarry/old itself; carry
@@ -24,7 +25,7 @@ for _ in $(seq "${ROUNDS:-2}"); do
     for b in "$CARRY/prebuilt" "$OLD"; do
         use "$b"
         echo "## $b" | tee -a "$OUTDIR/ab.txt"
-        python3 bench/skinny_launch.py "$@" 2>&1 | tee -a "$OUTDIR/ab.txt"
+        python3 "${BENCH:-bench/skinny_launch.py}" "$@" 2>&1 | tee -a "$OUTDIR/ab.txt"
     done
 done
 use "$CARRY/prebuilt"
