@@ -444,7 +444,7 @@ gemm_int8_wgmma(const __grid_constant__ CUtensorMap tmA, const __grid_constant__
                  * MMAs ~400, promotion ~600 (~350 of it without its scale loads), release
                  * to the next issue ~450, is far longer than the other warpgroup's ~384
                  * cycles of MMAs. The columns in two halves, one half's MMAs running
-                 * while the other is promoted (run 127-129), were no faster: the
+                 * while the other is promoted (runs 127-130), were no faster: the
                  * promotion's ~216 instructions a warp issue at ~2.8 cycles each. (Two
                  * int32 sets at 128 wide: slower, run 61; turns, a third warpgroup, a
                  * magic-number conversion: runs 19-20, 49-52.) */
