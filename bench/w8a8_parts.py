@@ -42,6 +42,18 @@ from gpu_ops import (DEV, SHAPES, gemm_alone, kernel_variants, rotated_copies, t
 GROUPS = {"int8_row": None, "int8_lode": 128, "int8_block": 128}
 
 
+def layout_gemm(w, x, lay: str):
+    """w quantized to ``lay`` and x's activation quantize: (q, s, act_k, gemm), gemm(q) the
+    W8A8 GEMM alone (gpu_ops.gemm_alone) on that xq / xs."""
+    N, K = w.shape
+    g = GROUPS[lay]
+    q, s = ops.quantize_int8(w, lay, g)
+    gs = L.check_group_size(lay, g, K)
+    act_k = L.act_group_k(lay, gs, K)
+    xq, xs = ops.quantize_int8_act(x, act_k)
+    return q, s, act_k, gemm_alone(xq, xs, s, N, *L.int8_tile(lay, gs, K))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", type=int, default=4608)
@@ -78,13 +90,9 @@ def main() -> None:
         lays = args.layouts.split(",")
         for lay in lays:  # bound now (default arguments), timed after the loop
             g = GROUPS[lay]
-            q, s = ops.quantize_int8(w, lay, g)
-            gs = L.check_group_size(lay, g, K)
-            gn, gk = L.int8_tile(lay, gs, K)
-            act_k = L.act_group_k(lay, gs, K)
+            q, s, act_k, gemm = layout_gemm(w, x, lay)
             qs = rotated_copies(q)
-            xq, xs = ops.quantize_int8_act(x, act_k)
-            gemm = gemm_alone(xq, xs, s, N, gn, gk)
+
             def op(i, qs=qs, s=s, lay=lay, g=g):
                 return ops.linear_int8(x, qs[i], s, lay, g)
 
@@ -123,12 +131,7 @@ def timeline(M: int, K: int, N: int, lay: str, alt: dict) -> None:
     warpgroups' third points lie. Medians over K-tiles 8..127 of 5 calls."""
     w = (torch.randn(N, K, device=DEV) * 0.02).to(torch.bfloat16)
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-    g = GROUPS[lay]
-    q, s = ops.quantize_int8(w, lay, g)
-    gs = L.check_group_size(lay, g, K)
-    gn, gk = L.int8_tile(lay, gs, K)
-    xq, xs = ops.quantize_int8_act(x, L.act_group_k(lay, gs, K))
-    gemm = gemm_alone(xq, xs, s, N, gn, gk)
+    q, _, _, gemm = layout_gemm(w, x, lay)
     knobs = dict(alt)
     knobs["gemm_probe"] = 4 | alt.get("gemm_probe", 0)  # other probe bits kept (ops.CUDA_KNOBS)
     samples = []

@@ -17,12 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from comfy_quant_native import layouts as L  # noqa: E402
 from comfy_quant_native import ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_ops import gemm_alone  # noqa: E402
-from w8a8_parts import GROUPS  # noqa: E402
+from w8a8_parts import layout_gemm  # noqa: E402
 
 
 def main() -> None:
@@ -41,12 +39,7 @@ def main() -> None:
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     gemms = []
     for lay in args.layouts.split(","):
-        g = GROUPS[lay]
-        q, s = ops.quantize_int8(w, lay, g)
-        gs = L.check_group_size(lay, g, K)
-        gn, gk = L.int8_tile(lay, gs, K)
-        xq, xs = ops.quantize_int8_act(x, L.act_group_k(lay, gs, K))
-        gemm = gemm_alone(xq, xs, s, N, gn, gk)
+        q, _, _, gemm = layout_gemm(w, x, lay)
         for _ in range(3):
             gemm(q)
         gemms.append((lay, gemm, q))

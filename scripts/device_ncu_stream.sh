@@ -18,10 +18,6 @@ for spec in "$@"; do
         --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis_Tables \
         --section SourceCounters --section LaunchStats --section Occupancy \
         python3 bench/profile_op.py --K "$K" --N "$N" --M "$M" >/dev/null 2>"$OUTDIR/err_$tag.txt"
-    "$NCU" -i "$rep.ncu-rep" --print-details all >"$OUTDIR/ncu_$tag.txt" 2>&1
-    "$NCU" -i "$rep.ncu-rep" --page source --print-source sass --csv >"$OUTDIR/sass_$tag.csv" 2>&1
-    echo "## $spec"
-    grep -m 50 -E "Duration|Elapsed Cycles|Issue Slots|Issued Ipc|No Eligible|Eligible Warps|Active Warps Per|Warp Cycles Per Issued|Stall|Shared|Bank|Pipe" \
-        "$OUTDIR/ncu_$tag.txt"
+    ncu_report "$rep" "$tag" "$spec" "Duration|Elapsed Cycles|Issue Slots|Issued Ipc|No Eligible|Eligible Warps|Active Warps Per|Warp Cycles Per Issued|Stall|Shared|Bank|Pipe"
 done
-(cd "$OUTDIR" && tar czf sass.tgz sass_*.csv && rm -f sass_*.csv && find . -name 'err_*.txt' -empty -delete)
+ncu_pack

@@ -16,10 +16,6 @@ for spec in "$@"; do
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats \
         --section WarpStateStats --section InstructionStats --section SourceCounters \
         python3 bench/w8a8_profile.py --layouts "$LAYOUT" >/dev/null 2>"$OUTDIR/err_$tag.txt"
-    "$NCU" -i "$rep.ncu-rep" --print-details all >"$OUTDIR/ncu_$tag.txt" 2>&1
-    "$NCU" -i "$rep.ncu-rep" --page source --print-source sass --csv >"$OUTDIR/sass_$tag.csv" 2>&1
-    echo "## $spec"
-    grep -m 40 -E "Duration|Elapsed Cycles|Issue Slots|Issued Ipc|No Eligible|Warp Cycles Per Issued|Stall|Pipe" \
-        "$OUTDIR/ncu_$tag.txt"
+    ncu_report "$rep" "$tag" "$spec" "Duration|Elapsed Cycles|Issue Slots|Issued Ipc|No Eligible|Warp Cycles Per Issued|Stall|Pipe"
 done
-(cd "$OUTDIR" && tar czf sass.tgz sass_*.csv && rm -f sass_*.csv && find . -name 'err_*.txt' -empty -delete)
+ncu_pack

@@ -12,12 +12,17 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_linear_table_shows_the_nf4_floor(capsys):
+def bench_gpu_ops():
+    """bench/gpu_ops.py as a module (it needs no GPU to import)."""
     sys.path.insert(0, os.path.join(REPO, "bench"))
     try:
-        gpu_ops = importlib.import_module("gpu_ops")
+        return importlib.import_module("gpu_ops")
     finally:
         sys.path.remove(os.path.join(REPO, "bench"))
+
+
+def test_linear_table_shows_the_nf4_floor(capsys):
+    gpu_ops = bench_gpu_ops()
     rows = [dict(op="linear", K=3072, N=12288, M=M, method=m, ms=ms)
             for M, m, ms in [(1, "bf16", 0.0218), (1, "ours nf4", 0.0132), (16, "bf16", 0.0220),
                              (16, "ours nf4", -0.0150), (4608, "bf16", 0.46), (4608, "ours nf4", 0.49)]]
@@ -34,11 +39,7 @@ def test_linear_table_shows_the_nf4_floor(capsys):
 
 
 def test_linear_table_shows_the_mma_floors(capsys):
-    sys.path.insert(0, os.path.join(REPO, "bench"))
-    try:
-        gpu_ops = importlib.import_module("gpu_ops")
-    finally:
-        sys.path.remove(os.path.join(REPO, "bench"))
+    gpu_ops = bench_gpu_ops()
     rows = [dict(op="linear", K=3072, N=12288, M=M, method=m, ms=ms)
             for M, m, ms in [(1, "bf16", 0.0218), (4608, "bf16", 0.45), (4608, "ours int8_lode", 0.45)]]
     # H200: 132 SMs at 1980 MHz, 4096 bf16 / 8192 int8 operations a clock an SM
