@@ -70,14 +70,14 @@ def main() -> None:
     if args.ksweep:
         ksweep(M, args.ksweep, reps)
         return
+    alt = dict((k, int(v)) for k, _, v in (item.partition("=") for item in args.alt))
     if args.timeline:
         K, N = (int(v) for v in (args.shape or "3072,12288").split(","))
         for lay in args.layouts.split(","):
             if GROUPS[lay]:
-                timeline(M, K, N, lay, dict((k, int(v)) for k, _, v in (a.partition("=") for a in args.alt)))
+                timeline(M, K, N, lay, alt)
         return
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, M = {M}")
-    alt = dict((k, int(v)) for k, _, v in (item.partition("=") for item in args.alt))
     alt_col = f" gemm cold, {', '.join(args.alt)} | op, {', '.join(args.alt)} |" if alt else ""
     print(f"| K, N | layout | bf16 | op | act quant | gemm cold | gemm warm |{alt_col} op - parts | gemm cold TOPS |")
     print("|---|---|---|---|---|---|---|" + "---|" * (4 if alt else 2))

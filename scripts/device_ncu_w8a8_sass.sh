@@ -2,7 +2,7 @@
 # Nsight Compute's per-SASS-instruction stall samples of the W8A8 GEMM alone
 # (bench/w8a8_profile.py, one layout a case) on the device machine, from the repository root:
 #     bash scripts/device_ncu_w8a8_sass.sh "layout [knob=value,...]" ...
-# e.g. "int8_lode" "int8_lode gemm_halves=2". For each case: the warp-state and pipe
+# e.g. "int8_lode" "int8_lode gemm_probe=1". For each case: the warp-state and pipe
 # sections, and the source page as csv (where each instruction's warps wait). Uses
 # .devcarry/prebuilt. Output under $OUT (default ./ncu_out): ncu_<case>.txt, and sass.tgz
 # holding sass_<case>.csv (one file: the device returns at most 8).
